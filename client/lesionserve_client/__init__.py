@@ -1,0 +1,36 @@
+"""Python gRPC client for LesionServe, the Triton skin-lesion classification ensemble.
+
+>>> from lesionserve_client import LesionClient
+>>> with LesionClient("localhost:8001") as client:
+...     results = client.classify(["lesion.jpg"])
+"""
+from .client import LesionClient
+from .config import ModelInfo
+from .encoding import ImageInput, encode_png
+from .errors import (
+    InvalidImageError,
+    LesionServeError,
+    ModelConfigError,
+    RequestTimeoutError,
+    ServerError,
+    ServerUnavailableError,
+    UndecodableImageError,
+)
+from .results import LesionResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ImageInput",
+    "InvalidImageError",
+    "LesionClient",
+    "LesionResult",
+    "LesionServeError",
+    "ModelConfigError",
+    "ModelInfo",
+    "RequestTimeoutError",
+    "ServerError",
+    "ServerUnavailableError",
+    "UndecodableImageError",
+    "encode_png",
+]

@@ -1,0 +1,118 @@
+"""Command-line interface: ``python -m lesionserve_client classify IMG [IMG ...]``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence, TextIO
+
+from .client import DEFAULT_MODEL, DEFAULT_URL, LesionClient, validate_url
+from .errors import LesionServeError, ServerUnavailableError
+from .results import LesionResult
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_UNAVAILABLE = 3
+
+_CLASSIFY_DESCRIPTION = """\
+Classify skin-lesion images with the LesionServe ensemble on a Triton server (gRPC).
+
+Each IMG is a path to an encoded image file (JPEG, PNG, or any format the server can
+decode); the file's bytes are sent unchanged and decoded on the server.
+
+Output: one table row per image (label, its confidence, the top-3 classes with their
+probabilities, and the classes whose decision threshold fired), or a JSON list with --json.
+
+Exit status: 0 on success, 2 on an error (bad input, undecodable image, server error,
+timeout), 3 when the server cannot be reached.
+"""
+
+_CLASSIFY_EPILOG = """\
+examples:
+  python -m lesionserve_client classify lesion.jpg
+  python -m lesionserve_client classify *.png --url triton.example.org:8001 --json
+"""
+
+
+def _url(value: str) -> str:
+    """argparse type: reject scheme-prefixed urls with a helpful message."""
+    try:
+        return validate_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(value: str) -> float:
+    """argparse type: a positive number of seconds."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with its ``classify`` subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lesionserve_client",
+        description="Client for LesionServe, the Triton skin-lesion classification ensemble.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    classify = commands.add_parser(
+        "classify",
+        help="classify one or more image files",
+        description=_CLASSIFY_DESCRIPTION,
+        epilog=_CLASSIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    classify.add_argument("images", nargs="+", metavar="IMG", help="image file(s) to classify")
+    classify.add_argument(
+        "--url",
+        type=_url,
+        default=DEFAULT_URL,
+        help=f"Triton gRPC endpoint as host:port, no scheme (default: {DEFAULT_URL})",
+    )
+    classify.add_argument("--model", default=DEFAULT_MODEL, help=f"ensemble model name (default: {DEFAULT_MODEL})")
+    classify.add_argument(
+        "--timeout", type=_seconds, default=60.0, metavar="S", help="per-request timeout in seconds (default: 60)"
+    )
+    classify.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    return parser
+
+
+def format_table(images: Sequence[str], results: Sequence[LesionResult]) -> str:
+    """An aligned text table, one row per image."""
+    header = ("IMAGE", "LABEL", "CONFIDENCE", "TOP-3", "THRESHOLDS FIRED")
+    rows = [header]
+    for image, result in zip(images, results):
+        top3 = ", ".join(f"{name} {prob:.3f}" for name, prob in result.top(3))
+        fired = ",".join(result.thresholds_fired) or "-"
+        rows.append((image, result.label, f"{result.confidence:.3f}", top3, fired))
+    widths = [max(len(row[col]) for row in rows) for col in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _classify(args: argparse.Namespace, out: TextIO) -> None:
+    with LesionClient(args.url, model_name=args.model, timeout=args.timeout) as client:
+        results = client.classify(args.images)
+    if args.json:
+        payload = [{"image": image, **result.to_dict()} for image, result in zip(args.images, results)]
+        json.dump(payload, out, indent=2)
+        out.write("\n")
+    else:
+        out.write(format_table(args.images, results) + "\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "classify":
+            _classify(args, sys.stdout)
+    except LesionServeError as exc:
+        # Collapse whitespace: server messages can span several lines, the report must not.
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return EXIT_UNAVAILABLE if isinstance(exc, ServerUnavailableError) else EXIT_ERROR
+    return EXIT_OK

@@ -1,0 +1,86 @@
+"""Exceptions raised by the client, and the single mapping from tritonclient's errors to them."""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from tritonclient.utils import InferenceServerException
+
+# The ensemble's decode step reports the failing row of *that* request in this form.
+_UNDECODABLE_RE = re.compile(r"undecodable image at index (\d+):\s*(.*)", re.DOTALL)
+
+
+class LesionServeError(Exception):
+    """Base class of every error this client raises on purpose."""
+
+
+class ServerUnavailableError(LesionServeError):
+    """The server could not be reached (connection refused, DNS failure, gRPC UNAVAILABLE)."""
+
+
+class RequestTimeoutError(LesionServeError):
+    """A call did not complete within the client's timeout (gRPC DEADLINE_EXCEEDED)."""
+
+
+class InvalidImageError(LesionServeError, ValueError):
+    """An input was rejected on the client side, before anything was sent.
+
+    ``index`` is the position of the offending item in the list given to ``classify``.
+    """
+
+    def __init__(self, index: int, problem: str) -> None:
+        self.index = index
+        self.problem = problem
+        super().__init__(
+            f"images[{index}]: {problem}; accepted inputs are a file path (str or os.PathLike), "
+            "encoded image bytes (bytes/bytearray), or an HxWx3 uint8 RGB numpy array"
+        )
+
+
+class ServerError(LesionServeError):
+    """Any other server-side failure; ``status`` is the gRPC status string when known."""
+
+    def __init__(self, message: str, status: Optional[str] = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class ModelConfigError(ServerError):
+    """The ensemble's model config lacks something the client needs (e.g. ``class_names``)."""
+
+
+class UndecodableImageError(LesionServeError):
+    """The server could not decode one image; ``index`` refers to the caller's original list."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        self.index = index
+        self.reason = reason
+        super().__init__(f"server could not decode images[{index}]: {reason}")
+
+
+def map_server_error(
+    exc: InferenceServerException, *, url: str, timeout: float, offset: int = 0
+) -> LesionServeError:
+    """Translate a tritonclient exception into this package's hierarchy.
+
+    ``offset`` is the index of the request's first image in the caller's list, so that a
+    row index reported by the server can be turned back into the caller's index.
+    """
+    status = exc.status() or ""
+    message = exc.message() or str(exc)
+    lowered = message.lower()
+
+    # Status codes first; message text only as a fallback for errors raised without one.
+    if status == "StatusCode.UNAVAILABLE" or (
+        not status and ("connection refused" in lowered or "failed to connect" in lowered)
+    ):
+        return ServerUnavailableError(f"LesionServe server at {url} is unavailable: {message}")
+    if status == "StatusCode.DEADLINE_EXCEEDED" or "deadline exceeded" in lowered:
+        return RequestTimeoutError(
+            f"request to {url} timed out after {timeout:g}s (the client timeout); "
+            "raise it if the server is busy"
+        )
+    match = _UNDECODABLE_RE.search(message)
+    if match:
+        return UndecodableImageError(offset + int(match.group(1)), match.group(2).strip())
+    return ServerError(f"server error{f' ({status})' if status else ''}: {message}", status=status or None)

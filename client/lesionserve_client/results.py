@@ -1,0 +1,85 @@
+"""The per-image result type and its construction from an inference response."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from tritonclient.grpc import InferResult
+
+from .config import ModelInfo
+from .errors import ServerError
+
+#: Output tensor names of the ensemble, as fixed by the server contract.
+OUTPUT_NAMES: tuple[str, ...] = ("probs", "label", "backbone_probs", "thresholds_fired")
+
+
+@dataclass(frozen=True)
+class LesionResult:
+    """Classification of one image.
+
+    ``probabilities`` and each ``backbone_probabilities[b]`` follow the model's class order.
+    """
+
+    label: str
+    probabilities: dict[str, float]
+    backbone_probabilities: dict[str, dict[str, float]]
+    thresholds_fired: tuple[str, ...]
+
+    @property
+    def confidence(self) -> float:
+        """Fused probability of the final label."""
+        return self.probabilities[self.label]
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        """The ``k`` most probable classes, highest first."""
+        return sorted(self.probabilities.items(), key=lambda item: item[1], reverse=True)[:k]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {
+            "label": self.label,
+            "confidence": self.confidence,
+            "probabilities": dict(self.probabilities),
+            "backbone_probabilities": {b: dict(p) for b, p in self.backbone_probabilities.items()},
+            "thresholds_fired": list(self.thresholds_fired),
+        }
+
+
+def _output(result: InferResult, name: str, shape: Sequence[int]) -> np.ndarray:
+    """Fetch one output and check its shape against the contract."""
+    array = result.as_numpy(name)
+    if array is None:
+        raise ServerError(f"response is missing output {name!r}")
+    if tuple(array.shape) != tuple(shape):
+        raise ServerError(f"output {name!r} has shape {list(array.shape)}, expected {list(shape)}")
+    return array
+
+
+def parse_response(result: InferResult, info: ModelInfo, count: int) -> list[LesionResult]:
+    """Turn one response covering ``count`` images into LesionResults, in row order."""
+    classes, backbones = info.class_names, info.backbones
+    probs = _output(result, "probs", (count, len(classes)))
+    labels = _output(result, "label", (count, 1))
+    backbone_probs = _output(result, "backbone_probs", (count, len(backbones), len(classes)))
+    fired = _output(result, "thresholds_fired", (count, len(classes))).astype(bool)
+
+    results = []
+    for row in range(count):
+        raw_label = labels[row, 0]
+        label = raw_label.decode("utf-8") if isinstance(raw_label, bytes) else str(raw_label)
+        if label not in classes:
+            raise ServerError(f"server returned label {label!r}, which is not one of {', '.join(classes)}")
+        results.append(
+            LesionResult(
+                label=label,
+                # float() so results hold plain Python floats (JSON-friendly, no numpy scalars).
+                probabilities={c: float(p) for c, p in zip(classes, probs[row])},
+                backbone_probabilities={
+                    b: {c: float(p) for c, p in zip(classes, backbone_probs[row, i])}
+                    for i, b in enumerate(backbones)
+                },
+                thresholds_fired=tuple(c for c, hit in zip(classes, fired[row]) if hit),
+            )
+        )
+    return results

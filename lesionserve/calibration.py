@@ -1,0 +1,111 @@
+"""The calibration file: fusion weights per backbone and class-specific decision thresholds.
+
+Written by ``training.calibrate``; read by the reference pipeline and the Triton ``fusion`` and
+``threshold`` models. The decision rule lives here too so every consumer applies the same one.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
+
+
+class CalibrationError(ValueError):
+    """The calibration file is missing, malformed or inconsistent with the pipeline."""
+
+
+def exceeds(probability: np.ndarray | float, threshold: float) -> np.ndarray | bool:
+    """THE comparison used for thresholds, in calibration and in decisions alike: strictly greater."""
+    return np.greater(probability, threshold)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Fusion weights (sum to 1) and per-class thresholds applied in ``threshold_order``.
+
+    Decision: argmax of the fused probabilities, then for each class in ``threshold_order`` whose
+    probability exceeds its threshold, that class; later classes win (the seed's order is AKIEC
+    then MEL, so MEL wins).
+    """
+
+    weights: Mapping[str, float]
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    threshold_order: Sequence[str] = ()
+    meta: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.weights) - set(BACKBONE_NAMES)
+        if unknown:
+            raise CalibrationError(f"weights for unknown backbones {sorted(unknown)}; known: {BACKBONE_NAMES}")
+        if any(not np.isfinite(w) or w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+            raise CalibrationError(f"weights must be finite, non-negative and not all zero: {dict(self.weights)}")
+        for name, theta in self.thresholds.items():
+            if name not in CLASS_NAMES:
+                raise CalibrationError(f"threshold for unknown class {name!r}; classes: {CLASS_NAMES}")
+            if not 0.0 < theta < 1.0:
+                raise CalibrationError(f"threshold for {name} must lie in (0, 1), got {theta}")
+        if sorted(self.threshold_order) != sorted(self.thresholds):
+            raise CalibrationError(
+                f"threshold_order {list(self.threshold_order)} must list exactly the thresholded classes "
+                f"{sorted(self.thresholds)}"
+            )
+
+    def weight_vector(self, backbones: Sequence[str]) -> np.ndarray:
+        """Weights for ``backbones`` in that order, normalised to sum to 1."""
+        missing = [b for b in backbones if b not in self.weights]
+        if missing:
+            raise CalibrationError(f"no fusion weight for backbones {missing}")
+        w = np.asarray([self.weights[b] for b in backbones], dtype=np.float64)
+        return (w / w.sum()).astype(np.float32)
+
+    def decide(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Apply the decision rule to N x C fused probabilities.
+
+        Returns (label indices N, fired N x C bool: which class thresholds fired per image).
+        """
+        labels = probs.argmax(axis=1)
+        fired = np.zeros(probs.shape, dtype=bool)
+        for name in self.threshold_order:
+            c = CLASS_NAMES.index(name)
+            fired[:, c] = exceeds(probs[:, c], self.thresholds[name])
+            labels = np.where(fired[:, c], c, labels)
+        return labels.astype(np.int64), fired
+
+    def to_json(self) -> dict:
+        return {
+            "weights": dict(self.weights),
+            "thresholds": dict(self.thresholds),
+            "threshold_order": list(self.threshold_order),
+            "meta": dict(self.meta),
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationError(f"calibration file not found: {path}")
+        try:
+            raw = json.loads(path.read_text())
+            return cls(
+                weights={k: float(v) for k, v in raw["weights"].items()},
+                thresholds={k: float(v) for k, v in raw.get("thresholds", {}).items()},
+                threshold_order=tuple(raw.get("threshold_order", ())),
+                meta=raw.get("meta", {}),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+            if isinstance(exc, CalibrationError):
+                raise
+            raise CalibrationError(f"malformed calibration file {path}: {exc!r}") from None
+
+    @classmethod
+    def uniform(cls, backbones: Sequence[str] = BACKBONE_NAMES) -> "Calibration":
+        """Equal weights and no thresholds: the pipeline before any calibration."""
+        return cls(weights={b: 1.0 / len(backbones) for b in backbones}, meta={"source": "uniform"})

@@ -1,0 +1,120 @@
+"""Image preprocessing, defined once.
+
+decode -> RGB uint8 -> resize to the backbone's square input -> ImageNet normalisation (CHW float32).
+Training's eval transform, the reference pipeline and the Triton ``preprocess`` model all call
+these functions, so the three cannot drift apart.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import cv2
+import numpy as np
+
+from lesionserve.spec import IMAGENET_MEAN, IMAGENET_STD
+
+#: Largest decoded image accepted (pixels). Larger headers are refused before decoding.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255.0
+_INV_STD = 1.0 / (np.asarray(IMAGENET_STD, dtype=np.float32) * 255.0)
+
+# One OpenCV thread: the server runs several model instances on few cores; parallelism comes
+# from instances, not from OpenCV's own pool.
+cv2.setNumThreads(1)
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image this pipeline can read. The message says why."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes (JPEG, PNG, BMP, TIFF, WebP) into an HxWx3 uint8 RGB array.
+
+    Grayscale is replicated to three channels, alpha is dropped and 16-bit samples are scaled to
+    8 bits. Raises ImageDecodeError for anything else.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageDecodeError(f"expected encoded image bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ImageDecodeError("empty input (0 bytes)")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # OpenCV raises (rather than returning None) on some corrupt headers
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {exc.msg.strip()}") from None
+    if image is None:
+        raise ImageDecodeError(
+            f"cannot decode image ({len(data)} bytes): not a JPEG, PNG, BMP, TIFF or WebP file, or truncated"
+        )
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise ImageDecodeError(
+            f"image is {image.shape[1]}x{image.shape[0]} pixels; the limit is {max_pixels} pixels"
+        )
+    return to_rgb(image, bgr=True)
+
+
+def to_rgb(image: np.ndarray, bgr: bool = False) -> np.ndarray:
+    """Convert a decoded array (HxW, HxWx1, HxWx3 or HxWx4; uint8 or uint16) to HxWx3 uint8 RGB.
+
+    ``bgr`` says whether three/four-channel input is in OpenCV's BGR(A) order.
+    """
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ImageDecodeError(f"unsupported sample type {image.dtype}; expected 8- or 16-bit integers")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ImageDecodeError(f"unsupported image shape {image.shape}; expected HxW, HxWx3 or HxWx4")
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if bgr else np.ascontiguousarray(image)
+
+
+def resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Plain resize to size x size (no aspect keeping, as the seed recipe trains).
+
+    Area interpolation when shrinking avoids aliasing; bilinear when enlarging.
+    """
+    h, w = rgb.shape[:2]
+    interpolation = cv2.INTER_AREA if (h >= size and w >= size) else cv2.INTER_LINEAR
+    return cv2.resize(rgb, (size, size), interpolation=interpolation)
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB -> 3xHxW float32 with ImageNet mean/std."""
+    chw = rgb.astype(np.float32).transpose(2, 0, 1)
+    return (chw - _MEAN[:, None, None]) * _INV_STD[:, None, None]
+
+
+def preprocess_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+    """HxWx3 uint8 RGB -> normalised 3 x size x size float32."""
+    return normalize(resize(rgb, size))
+
+
+def preprocess_bytes(
+    data: bytes, sizes: Iterable[int], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> dict[int, np.ndarray]:
+    """Decode once, then resize once per distinct input size."""
+    rgb = decode_image(data, max_pixels=max_pixels)
+    return {size: preprocess_rgb(rgb, size) for size in sizes}
+
+
+def preprocess_batch(
+    images: list[bytes], sizes: Iterable[int], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> dict[int, np.ndarray]:
+    """Preprocess a batch of encoded images into one N x 3 x S x S array per size.
+
+    Raises ImageDecodeError naming the index of the first image that cannot be decoded.
+    """
+    sizes = tuple(sizes)
+    per_image = []
+    for index, data in enumerate(images):
+        try:
+            per_image.append(preprocess_bytes(data, sizes, max_pixels=max_pixels))
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(f"undecodable image at index {index}: {exc}") from None
+    return {size: np.stack([p[size] for p in per_image]) for size in sizes}

@@ -1,0 +1,87 @@
+"""The reference pipeline: the served pipeline re-implemented in-process with PyTorch eager.
+
+Same weights (the training checkpoints), same preprocessing, views, fusion and decision functions.
+It is the parity oracle for the Triton ensemble and the baseline the benchmarks compare against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lesionserve.calibration import Calibration
+from lesionserve.fusion import fuse
+from lesionserve.models import load_checkpoint
+from lesionserve.preprocessing import DEFAULT_MAX_PIXELS, preprocess_batch
+from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES, check_views, get_backbone
+from lesionserve.views import make_views
+
+
+@dataclass
+class PipelineOutput:
+    """Per-image outputs, the same tensors the ensemble returns."""
+
+    probs: np.ndarray  # N x 7 fused probabilities
+    backbone_probs: np.ndarray  # N x 3 x 7
+    labels: list[str]  # final class names after thresholds
+    thresholds_fired: np.ndarray  # N x 7 bool
+
+
+class ReferencePipeline:
+    """``ReferencePipeline.from_artifacts("runs/demo", views=8).run([jpeg_bytes, ...])``."""
+
+    def __init__(
+        self,
+        models: dict[str, torch.nn.Module],
+        calibration: Calibration,
+        views: int = 8,
+        batch_size: int = 16,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.models = {name: model.eval() for name, model in models.items()}
+        self.backbones = tuple(models)
+        self.calibration = calibration
+        self.weights = calibration.weight_vector(self.backbones)
+        self.views = check_views(views)
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.sizes = tuple(sorted({get_backbone(b).input_size for b in self.backbones}))
+
+    @classmethod
+    def from_artifacts(
+        cls,
+        artifacts: str | Path,
+        views: int = 8,
+        backbones: Sequence[str] = BACKBONE_NAMES,
+        calibration: Calibration | None = None,
+        **kwargs,
+    ) -> "ReferencePipeline":
+        """Load ``<artifacts>/<backbone>/checkpoint.pt`` and (unless given) ``<artifacts>/calibration.json``."""
+        artifacts = Path(artifacts)
+        models = {}
+        for name in backbones:
+            spec, model, _ = load_checkpoint(artifacts / name / "checkpoint.pt")
+            if spec.name != name:
+                raise ValueError(f"{artifacts / name / 'checkpoint.pt'} holds {spec.name}, expected {name}")
+            models[name] = model
+        calibration = calibration or Calibration.load(artifacts / "calibration.json")
+        return cls(models, calibration, views=views, **kwargs)
+
+    @torch.inference_mode()
+    def backbone_logits(self, name: str, views: np.ndarray) -> np.ndarray:
+        """Logits of one backbone over (N*T) x 3 x S x S views, in mini-batches."""
+        model = self.models[name]
+        chunks = [model(torch.from_numpy(views[i : i + self.batch_size])) for i in range(0, len(views), self.batch_size)]
+        return torch.cat(chunks).numpy()
+
+    def run(self, images: Sequence[bytes]) -> PipelineOutput:
+        """Classify encoded images; raises ImageDecodeError naming the first bad index."""
+        pixels = preprocess_batch(list(images), self.sizes, max_pixels=self.max_pixels)
+        views = {size: make_views(batch, self.views) for size, batch in pixels.items()}
+        logits = [self.backbone_logits(b, views[get_backbone(b).input_size]) for b in self.backbones]
+        probs, backbone_probs = fuse(logits, self.weights, self.views)
+        labels, fired = self.calibration.decide(probs)
+        return PipelineOutput(probs, backbone_probs, [CLASS_NAMES[i] for i in labels], fired)

@@ -1,0 +1,198 @@
+"""Run the tritonserver binary shipped in the nvidia-pytriton wheel on a model repository.
+
+Used by the ``lesionserve serve`` command, the demo and the integration-test fixture.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: Python backend shared memory per instance: the largest tensor crossing it is 64 views at 300x300.
+SHM_DEFAULT_BYTES = 32 * 1024 * 1024
+SHM_GROWTH_BYTES = 32 * 1024 * 1024
+
+
+class ServerStartError(RuntimeError):
+    """tritonserver exited or did not become ready; the message carries its log."""
+
+
+def pytriton_dir() -> Path:
+    """Folder of the Triton build inside the nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise ServerStartError("nvidia-pytriton is not installed (it carries tritonserver): run `make setup`") from exc
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def backend_dir(cache: Path | None = None) -> Path:
+    """A backends folder laid out as tritonserver expects: python/{libtriton_python.so, utils, stub}."""
+    triton = pytriton_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    sources = [
+        triton / "backends/python/libtriton_python.so",
+        triton / "backends/python/triton_python_backend_utils.py",
+        triton / f"python_backend_stubs/{version}/triton_python_backend_stub",
+    ]
+    target = (cache or Path(tempfile.gettempdir()) / f"lesionserve-backends-{os.getuid()}") / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        if not src.exists():
+            raise ServerStartError(f"missing {src}: the nvidia-pytriton install is incomplete")
+        dst = target / src.name
+        if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+            shutil.copy2(src, dst)
+    return target.parent
+
+
+def server_env() -> dict[str, str]:
+    """Environment for tritonserver and its python stubs.
+
+    The stub embeds the system interpreter, so this venv's site-packages (numpy<2, onnxruntime, cv2)
+    and the project root (the ``lesionserve`` package) must be on PYTHONPATH explicitly.
+    """
+    site = sysconfig.get_paths()["purelib"]
+    libs = Path(site) / "nvidia_pytriton.libs"  # the stub needs the bundled libcudart even on CPU
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), site] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([str(libs)] + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
+    # The stub finds its interpreter's prefix through PATH: put this venv's python first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver process: ``with TritonServer(repo) as server: ...`` starts, waits, stops.
+
+    Ports of 0 pick free ones. Binds to ``host`` (loopback by default); model control API off.
+    """
+
+    repository: Path
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    model_config_name: str | None = None
+    log_path: Path | None = None
+    startup_timeout: float = 300.0
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.repository = Path(self.repository).resolve()
+        self.grpc_port = self.grpc_port or free_port()
+        self.http_port = self.http_port or free_port()
+        self.metrics_port = self.metrics_port or free_port()
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            str(pytriton_dir() / "bin/tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_dir()}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--model-control-mode=none",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+            "--log-verbose=0",
+        ]
+        if self.model_config_name:
+            cmd.append(f"--model-config-name={self.model_config_name}")
+        return cmd + self.extra_args
+
+    def start(self) -> "TritonServer":
+        if not self.repository.is_dir():
+            raise ServerStartError(f"model repository not found: {self.repository}")
+        if self.log_path is None:
+            self.log_path = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        log = open(self.log_path, "wb")
+        # Own process group: Ctrl-C in a terminal reaches us, and we stop the server in order.
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True
+        )
+        log.close()
+        self._wait_ready()
+        return self
+
+    def log_tail(self, lines: int = 60) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def model_errors(self) -> str:
+        """The lines of the log that explain a failed model load."""
+        text = self.log_path.read_text(errors="replace") if self.log_path else ""
+        keep = [ln for ln in text.splitlines() if "UNAVAILABLE" in ln or "failed to load" in ln or "Error" in ln]
+        return "\n".join(keep) or self.log_tail()
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerStartError(
+                    f"tritonserver exited with code {self.process.returncode} while loading {self.repository}:\n"
+                    f"{self.model_errors()}\n(full log: {self.log_path})"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise ServerStartError(f"tritonserver not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (Triton unloads models and exits), then SIGKILL the group if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,40 @@
+"""CPU backbone: ONNX Runtime on ``<version>/model.onnx`` inside the python backend.
+
+Triton's dynamic batcher hands ``execute`` several requests at once; they run as one ORT batch.
+"""
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+from lesionserve.triton_config import parameter, parse_args_config, version_dir
+
+
+def make_session(path: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    # Capped: several model instances share few cores; oversubscription costs more than it gains.
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = parse_args_config(args)
+        path = version_dir(args) / parameter(config, "onnx_file", "model.onnx")
+        if not path.is_file():
+            raise pb_utils.TritonModelException(
+                f"model {config['name']!r}: {path} not found; run `lesionserve assemble` to copy exported weights"
+            )
+        self.session = make_session(str(path), int(parameter(config, "intra_op_threads", "1")))
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+
+    def execute(self, requests):
+        arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        logits = self.session.run([self.output_name], {self.input_name: np.concatenate(arrays)})[0]
+        splits = np.cumsum([len(a) for a in arrays])[:-1]
+        return [
+            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, part)])
+            for part in np.split(logits, splits)
+        ]

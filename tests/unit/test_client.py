@@ -1,0 +1,486 @@
+"""Unit tests for the lesionserve_client package; no Triton server needed.
+
+As in PyTriton's client tests, tritonclient's gRPC InferenceServerClient is replaced by a fake,
+but responses are real ``tritonclient.grpc.InferResult`` objects built from a
+``ModelInferResponse`` protobuf, so the client's decoding runs on genuine tritonclient code.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pytest
+from tritonclient.grpc import InferInput, InferResult, service_pb2
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
+
+try:
+    import lesionserve_client  # noqa: F401
+except ImportError:  # not pip-installed: use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "client"))
+
+from lesionserve_client import (  # noqa: E402
+    InvalidImageError,
+    LesionClient,
+    LesionResult,
+    LesionServeError,
+    ModelConfigError,
+    RequestTimeoutError,
+    ServerError,
+    ServerUnavailableError,
+    UndecodableImageError,
+    encode_png,
+)
+from lesionserve_client import cli  # noqa: E402
+from lesionserve_client import client as client_module  # noqa: E402
+
+CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+BACKBONES = ("resnet50", "densenet121", "efficientnet_b3")
+THRESHOLD = 0.3
+
+
+def make_config(max_batch_size: int = 8, **overrides: Optional[str]) -> dict[str, Any]:
+    """The JSON form of get_model_config for the ensemble; a None override drops that parameter."""
+    params = {"class_names": ",".join(CLASSES), "backbones": ",".join(BACKBONES)}
+    params.update(overrides)
+    return {
+        "config": {
+            "name": "lesion_ensemble",
+            "max_batch_size": max_batch_size,
+            "parameters": {k: {"string_value": v} for k, v in params.items() if v is not None},
+        }
+    }
+
+
+def fake_model(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic per-image outputs derived from the image bytes: (probs [7], backbone_probs [3, 7])."""
+    rng = np.random.default_rng(zlib.crc32(blob))
+    backbone = rng.dirichlet(np.ones(len(CLASSES)), size=len(BACKBONES)).astype(np.float32)
+    return backbone.mean(axis=0), backbone
+
+
+def expected_result(blob: bytes) -> LesionResult:
+    """What the client should return for ``blob`` given fake_model."""
+    probs, backbone = fake_model(blob)
+    return LesionResult(
+        label=CLASSES[int(np.argmax(probs))],
+        probabilities={c: float(p) for c, p in zip(CLASSES, probs)},
+        backbone_probabilities={b: {c: float(p) for c, p in zip(CLASSES, backbone[i])} for i, b in enumerate(BACKBONES)},
+        thresholds_fired=tuple(c for c, p in zip(CLASSES, probs) if p > THRESHOLD),
+    )
+
+
+def build_response(blobs: list[bytes], classes: tuple[str, ...] = CLASSES) -> InferResult:
+    """A real InferResult carrying the four ensemble outputs for ``blobs``, in raw_output_contents."""
+    n = len(blobs)
+    outs = [fake_model(b) for b in blobs]
+    probs = np.stack([o[0] for o in outs]).astype(np.float32)
+    backbone = np.stack([o[1] for o in outs]).astype(np.float32)
+    labels = [classes[int(i)].encode() for i in probs.argmax(axis=1)]
+    fired = probs > THRESHOLD
+    response = service_pb2.ModelInferResponse(model_name="lesion_ensemble", id="")
+
+    def add(name: str, datatype: str, shape: list[int], raw: bytes) -> None:
+        tensor = response.outputs.add()
+        tensor.name, tensor.datatype = name, datatype
+        tensor.shape.extend(shape)
+        response.raw_output_contents.append(raw)
+
+    # Deliberately not in the requested order: the client must look outputs up by name.
+    add("label", "BYTES", [n, 1], b"".join(struct.pack("<I", len(s)) + s for s in labels))
+    add("probs", "FP32", [n, len(CLASSES)], probs.tobytes())
+    add("thresholds_fired", "BOOL", [n, len(CLASSES)], fired.astype(np.bool_).tobytes())
+    add("backbone_probs", "FP32", [n, len(BACKBONES), len(CLASSES)], backbone.tobytes())
+    return InferResult(response)
+
+
+class FakeTritonClient:
+    """Stands in for tritonclient.grpc.InferenceServerClient; records what the client sends."""
+
+    instances: list["FakeTritonClient"] = []
+    config: dict[str, Any] = make_config()
+    #: Optional hook run on every infer with the decoded blobs; may raise or sleep.
+    on_infer: Optional[Callable[[list[bytes]], None]] = None
+    #: Optional exception raised by get_model_config.
+    config_error: Optional[Exception] = None
+
+    def __init__(self, url: str, verbose: bool = False, ssl: bool = False, root_certificates: Any = None) -> None:
+        self.url = url
+        self.ssl = ssl
+        self.closed = False
+        self.config_calls = 0
+        self.requests: list[list[bytes]] = []
+        self.timeouts: list[Optional[float]] = []
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._lock = threading.Lock()
+        FakeTritonClient.instances.append(self)
+
+    def get_model_config(self, model_name: str, as_json: bool = False, client_timeout: Optional[float] = None) -> Any:
+        assert as_json, "the client reads the JSON form of the config"
+        self.config_calls += 1
+        self.timeouts.append(client_timeout)
+        if self.config_error is not None:
+            raise self.config_error
+        return json.loads(json.dumps(self.config))
+
+    def infer(self, model_name: str, inputs: list[InferInput], outputs: Any = None, client_timeout: Optional[float] = None, **_: Any) -> InferResult:
+        (tensor,) = inputs
+        assert (tensor.name(), tensor.datatype()) == ("raw_image", "BYTES")
+        blobs = [bytes(b) for b in deserialize_bytes_tensor(tensor._get_content())]
+        assert tensor.shape() == [len(blobs), 1]
+        assert sorted(o.name() for o in outputs) == sorted(["probs", "label", "backbone_probs", "thresholds_fired"])
+        with self._lock:
+            self.requests.append(blobs)
+            self.timeouts.append(client_timeout)
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            if self.on_infer is not None:
+                type(self).on_infer(blobs)  # type: ignore[misc]
+            names = self.config["config"]["parameters"]["class_names"]["string_value"]
+            return build_response(blobs, tuple(names.split(",")))
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> type[FakeTritonClient]:
+    """Patch the class the client module instantiates; return the fake class for configuration."""
+    monkeypatch.setattr(FakeTritonClient, "instances", [])
+    monkeypatch.setattr(FakeTritonClient, "config", make_config())
+    monkeypatch.setattr(FakeTritonClient, "on_infer", None)
+    monkeypatch.setattr(FakeTritonClient, "config_error", None)
+    monkeypatch.setattr(client_module, "InferenceServerClient", FakeTritonClient)
+    return FakeTritonClient
+
+
+def blobs_of(n: int) -> list[bytes]:
+    # Trailing NULs: np.bytes_ would strip them, np.object_ must not.
+    return [b"image-%02d\x00\x00" % i for i in range(n)]
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Minimal decoder for the writer's output (8-bit RGB, filter type 0), by walking the chunks."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    assert (depth, colour, interlace) == (8, 2, 0)
+    rows = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(height, 1 + width * 3)
+    assert not rows[:, 0].any(), "every scanline uses filter type 0"
+    return rows[:, 1:].reshape(height, width, 3)
+
+
+# -- classify -------------------------------------------------------------------------------
+
+
+def test_classify_returns_results_in_input_order_when_inputs_span_concurrent_requests(fake):
+    blobs = blobs_of(19)
+
+    def slow_first(batch: list[bytes]) -> None:
+        # Earlier requests finish last, so completion order is the reverse of input order.
+        time.sleep({0: 0.3, 8: 0.15}.get(blobs.index(batch[0]), 0.0))
+
+    fake.on_infer = staticmethod(slow_first)
+    with LesionClient(max_workers=4) as client:
+        results = client.classify(blobs)
+    server = fake.instances[0]
+    assert sorted(len(r) for r in server.requests) == [3, 8, 8]
+    assert server.peak_in_flight >= 2
+    assert results == [expected_result(b) for b in blobs]
+
+
+@pytest.mark.parametrize(("requested", "sizes"), [(None, [3, 8, 8]), (5, [4, 5, 5, 5]), (20, [3, 8, 8])])
+def test_classify_splits_requests_by_batch_limit_when_max_images_per_request_varies(fake, requested, sizes):
+    blobs = blobs_of(19)
+    with LesionClient(max_images_per_request=requested) as client:
+        results = client.classify(blobs)
+    assert sorted(len(r) for r in fake.instances[0].requests) == sizes
+    assert [r.label for r in results] == [expected_result(b).label for b in blobs]
+
+
+def test_classify_sends_each_input_type_as_bytes_when_inputs_are_mixed(fake, tmp_path):
+    path = tmp_path / "lesion.jpg"
+    path.write_bytes(b"\xff\xd8jpeg-ish\x00")
+    array = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    inputs = [str(path), b"raw\x00\x00", bytearray(b"mutable"), array, path]
+    with LesionClient() as client:
+        results = client.classify(inputs)
+    (sent,) = fake.instances[0].requests
+    assert sent[0] == sent[4] == b"\xff\xd8jpeg-ish\x00"
+    assert sent[1] == b"raw\x00\x00"
+    assert sent[2] == b"mutable"
+    np.testing.assert_array_equal(decode_png(sent[3]), array)
+    assert results == [expected_result(b) for b in sent]
+
+
+def test_classify_returns_empty_list_without_contacting_server_when_input_is_empty(fake):
+    with LesionClient() as client:
+        assert client.classify([]) == []
+    assert fake.instances[0].config_calls == 0
+    assert fake.instances[0].requests == []
+
+
+def test_classify_reads_model_config_once_when_called_repeatedly(fake):
+    with LesionClient(timeout=7.5) as client:
+        client.classify(blobs_of(2))
+        client.classify(blobs_of(3))
+        assert client.class_names == CLASSES
+        assert client.backbones == BACKBONES
+    server = fake.instances[0]
+    assert server.config_calls == 1
+    assert server.timeouts == [7.5, 7.5, 7.5]
+
+
+def test_classify_uses_server_class_order_when_config_declares_other_names(fake):
+    renamed = tuple(c.lower() for c in CLASSES)
+    fake.config = make_config(class_names=",".join(renamed))
+    with LesionClient() as client:
+        (result,) = client.classify([b"x"])
+    expected = expected_result(b"x")
+    assert result.probabilities == {c.lower(): p for c, p in expected.probabilities.items()}
+    assert result.label == expected.label.lower()
+
+
+def test_classify_raises_type_error_when_given_a_single_image(fake):
+    with LesionClient() as client, pytest.raises(TypeError, match="wrap a single image"):
+        client.classify("lesion.jpg")
+
+
+# -- result ---------------------------------------------------------------------------------
+
+
+def test_result_exposes_confidence_and_json_dict_when_built_from_response(fake):
+    with LesionClient() as client:
+        (result,) = client.classify([b"some image"])
+    expected = expected_result(b"some image")
+    assert result.confidence == expected.probabilities[expected.label] == max(result.probabilities.values())
+    assert set(result.backbone_probabilities) == set(BACKBONES)
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["label"] == expected.label
+    assert data["confidence"] == pytest.approx(result.confidence)
+    assert data["thresholds_fired"] == list(expected.thresholds_fired)
+    assert list(data["probabilities"]) == list(CLASSES)
+
+
+# -- PNG writer ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (7, 5, 3), (64, 33, 3)])
+def test_encode_png_round_trips_pixels_when_decoded_with_zlib(shape):
+    array = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    np.testing.assert_array_equal(decode_png(encode_png(array)), array)
+
+
+def test_encode_png_round_trips_pixels_when_decoded_with_opencv():
+    cv2 = pytest.importorskip("cv2")
+    array = np.random.default_rng(1).integers(0, 256, size=(20, 31, 3), dtype=np.uint8)
+    view = array[:, ::-1]  # non-contiguous input must still encode correctly
+    decoded = cv2.imdecode(np.frombuffer(encode_png(view), np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(decoded[:, :, ::-1], view)  # OpenCV decodes to BGR
+
+
+# -- invalid input --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("__missing__", "file not found"),
+        (np.zeros((8, 8), dtype=np.uint8), "shape (8, 8)"),
+        (np.zeros((8, 8, 4), dtype=np.uint8), "shape (8, 8, 4)"),
+        (np.zeros((8, 8, 3), dtype=np.float32), "float32"),
+        (42, "unsupported type int"),
+        (b"", "empty"),
+    ],
+)
+def test_classify_raises_invalid_image_error_with_index_when_input_is_unusable(fake, tmp_path, bad, message):
+    if isinstance(bad, str):
+        bad = str(tmp_path / "missing.jpg")
+    with LesionClient() as client, pytest.raises(InvalidImageError) as info:
+        client.classify([b"fine", b"fine too", bad])
+    assert info.value.index == 2
+    assert "images[2]" in str(info.value) and message in str(info.value)
+    assert "HxWx3 uint8" in str(info.value)  # says what is allowed
+    assert fake.instances[0].requests == []  # nothing sent
+
+
+# -- error mapping --------------------------------------------------------------------------
+
+
+def test_classify_raises_server_unavailable_error_with_url_when_connection_refused(fake):
+    fake.config_error = InferenceServerException(
+        "failed to connect to all addresses; last error: Connection refused", status="StatusCode.UNAVAILABLE"
+    )
+    with LesionClient("triton.local:8001") as client, pytest.raises(ServerUnavailableError, match="triton.local:8001"):
+        client.classify([b"x"])
+
+
+def test_classify_raises_server_unavailable_error_when_status_missing_but_message_says_refused(fake):
+    fake.config_error = InferenceServerException("Connection refused")
+    with LesionClient() as client, pytest.raises(ServerUnavailableError):
+        client.classify([b"x"])
+
+
+def test_classify_raises_request_timeout_error_with_timeout_when_deadline_exceeded(fake):
+    def too_slow(batch: list[bytes]) -> None:
+        raise InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED")
+
+    fake.on_infer = staticmethod(too_slow)
+    with LesionClient(timeout=2.5) as client, pytest.raises(RequestTimeoutError, match="2.5s"):
+        client.classify([b"x"])
+
+
+def test_classify_raises_undecodable_image_error_with_caller_index_when_a_later_request_fails(fake):
+    blobs = blobs_of(19)
+    blobs[10] = b"not an image"
+
+    def decode(batch: list[bytes]) -> None:
+        if b"not an image" in batch:
+            row = batch.index(b"not an image")
+            raise InferenceServerException(
+                f"in ensemble 'lesion_ensemble', undecodable image at index {row}: cv2.imdecode returned None",
+                status="StatusCode.INVALID_ARGUMENT",
+            )
+
+    fake.on_infer = staticmethod(decode)
+    with LesionClient() as client, pytest.raises(UndecodableImageError) as info:
+        client.classify(blobs)
+    assert info.value.index == 10  # row 2 of the second request, which starts at 8
+    assert info.value.reason == "cv2.imdecode returned None"
+    assert "images[10]" in str(info.value)
+
+
+def test_classify_raises_server_error_keeping_message_when_other_server_failure(fake):
+    def crash(batch: list[bytes]) -> None:
+        raise InferenceServerException("onnx runtime error 6: out of memory", status="StatusCode.INTERNAL")
+
+    fake.on_infer = staticmethod(crash)
+    with LesionClient() as client, pytest.raises(ServerError) as info:
+        client.classify([b"x"])
+    assert type(info.value) is ServerError
+    assert info.value.status == "StatusCode.INTERNAL"
+    assert "onnx runtime error 6: out of memory" in str(info.value)
+    assert isinstance(info.value.__cause__, InferenceServerException)
+
+
+@pytest.mark.parametrize("missing", ["class_names", "backbones"])
+def test_classify_raises_model_config_error_when_config_lacks_parameter(fake, missing):
+    fake.config = make_config(**{missing: None})
+    with LesionClient() as client, pytest.raises(ModelConfigError, match=f"no '{missing}' parameter"):
+        client.classify([b"x"])
+    assert fake.instances[0].requests == []
+
+
+def test_all_errors_derive_from_lesionserve_error_when_caught_generically():
+    for error in (ServerUnavailableError, RequestTimeoutError, UndecodableImageError, InvalidImageError, ServerError, ModelConfigError):
+        assert issubclass(error, LesionServeError)
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+
+def test_context_manager_closes_underlying_client_when_block_exits(fake):
+    with LesionClient() as client:
+        client.classify(blobs_of(10))  # starts the worker pool too
+        assert not fake.instances[0].closed
+    assert fake.instances[0].closed
+    with pytest.raises(RuntimeError, match="closed"):
+        client.classify([b"x"])
+
+
+def test_client_rejects_url_when_it_has_a_scheme(fake):
+    with pytest.raises(ValueError, match="host:port"):
+        LesionClient("http://localhost:8000")
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[str]:
+    paths = []
+    for name, content in [("a.jpg", b"first image"), ("longer_name.png", b"second image")]:
+        (tmp_path / name).write_bytes(content)
+        paths.append(str(tmp_path / name))
+    return paths
+
+
+def test_cli_prints_aligned_table_when_classifying(fake, images, capsys):
+    assert cli.main(["classify", *images, "--url", "h:1", "--timeout", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["IMAGE", "LABEL", "CONFIDENCE", "TOP-3", "THRESHOLDS", "FIRED"]
+    assert len(lines) == 3
+    for line, path, blob in zip(lines[1:], images, [b"first image", b"second image"]):
+        expected = expected_result(blob)
+        assert line.startswith(path)
+        assert line.index(expected.label, len(path)) == lines[0].index("LABEL")  # column aligned
+        assert f"{expected.confidence:.3f}" in line
+        top1, prob1 = max(expected.probabilities.items(), key=lambda kv: kv[1])
+        assert f"{top1} {prob1:.3f}" in line
+    assert fake.instances[0].url == "h:1"
+    assert fake.instances[0].timeouts[0] == 3.0
+
+
+def test_cli_prints_json_list_when_json_flag_given(fake, images, capsys):
+    assert cli.main(["classify", *images, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [d["image"] for d in data] == images
+    assert [d["label"] for d in data] == [expected_result(b).label for b in (b"first image", b"second image")]
+    assert set(data[0]["backbone_probabilities"]) == set(BACKBONES)
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "code"),
+    [
+        ("StatusCode.UNAVAILABLE", "failed to connect\nConnection refused", 3),
+        ("StatusCode.INVALID_ARGUMENT", "undecodable image at index 1: bad header", 2),
+        ("StatusCode.INTERNAL", "boom", 2),
+    ],
+)
+def test_cli_prints_one_line_error_and_exit_code_when_request_fails(fake, images, capsys, status, message, code):
+    def fail(batch: list[bytes]) -> None:
+        raise InferenceServerException(message, status=status)
+
+    fake.on_infer = staticmethod(fail)
+    assert cli.main(["classify", *images]) == code
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err_lines = captured.err.splitlines()
+    assert len(err_lines) == 1 and err_lines[0].startswith("error: ")
+
+
+def test_cli_exits_2_naming_the_file_when_image_is_missing(fake, tmp_path, capsys):
+    assert cli.main(["classify", str(tmp_path / "nope.jpg")]) == 2
+    assert "nope.jpg" in capsys.readouterr().err
+
+
+def test_cli_help_describes_url_and_images_when_requested(capsys):
+    with pytest.raises(SystemExit) as top:
+        cli.main(["--help"])
+    assert top.value.code == 0
+    assert "classify" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["classify", "--help"])
+    text = capsys.readouterr().out
+    assert "host:port" in text and "JPEG" in text and "--json" in text

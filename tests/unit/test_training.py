@@ -1,0 +1,307 @@
+"""Training stage: dataset loading and errors, stratified split, transforms, metrics, end-to-end run."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from lesionserve.models import load_checkpoint
+from lesionserve.preprocessing import decode_image, preprocess_rgb
+from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
+from training.data import (
+    DatasetError,
+    LesionDataset,
+    Sample,
+    augment_rgb,
+    load_isic_dir,
+    stratified_split,
+)
+from training.metrics import balanced_accuracy, confusion_matrix, per_class_recall
+from training.train import TrainConfig, main, train
+
+INPUT = "ISIC2018_Task3_Training_Input"
+TRUTH = "ISIC2018_Task3_Training_GroundTruth"
+HEADER = "image," + ",".join(CLASS_NAMES)
+
+
+def one_hot(label: int) -> list[str]:
+    return ["1.0" if i == label else "0.0" for i in range(len(CLASS_NAMES))]
+
+
+def make_isic(root: Path, labels: list[int], width: int = 40, height: int = 32) -> Path:
+    """Write a tiny ISIC-layout dataset: one JPEG per label (class-tinted noise) and the CSV."""
+    (root / INPUT).mkdir(parents=True)
+    (root / TRUTH).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = [HEADER]
+    for i, label in enumerate(labels):
+        image_id = f"ISIC_{i:07d}"
+        bgr = rng.integers(0, 60, size=(height, width, 3), dtype=np.uint8)
+        bgr[..., label % 3] += np.uint8(30 * (label + 1))
+        assert cv2.imwrite(str(root / INPUT / f"{image_id}.jpg"), bgr)
+        lines.append(",".join([image_id, *one_hot(label)]))
+    (root / TRUTH / f"{TRUTH}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def rewrite_csv(root: Path, lines: list[str]) -> None:
+    (root / TRUTH / f"{TRUTH}.csv").write_text("\n".join(lines) + "\n")
+
+
+def fake_samples(counts: dict[int, int]) -> list[Sample]:
+    samples = []
+    for label, n in counts.items():
+        samples += [Sample(Path(f"/data/c{label}_{i:03d}.jpg"), label) for i in range(n)]
+    return samples
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def test_load_isic_dir_returns_samples_in_csv_order_when_layout_valid(tmp_path):
+    labels = [0, 1, 6, 3, 1]
+    make_isic(tmp_path, labels)
+    samples = load_isic_dir(tmp_path)
+    assert [s.label for s in samples] == labels
+    assert [s.image_id for s in samples] == [f"ISIC_{i:07d}" for i in range(len(labels))]
+    assert all(s.path.is_file() and s.path.parent.name == INPUT for s in samples)
+
+
+def test_load_isic_dir_raises_file_not_found_naming_path_when_root_missing(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        load_isic_dir(missing)
+
+
+def test_load_isic_dir_names_expected_input_folder_when_input_folder_missing(tmp_path):
+    make_isic(tmp_path, [0, 1])
+    (tmp_path / INPUT).rename(tmp_path / "images")
+    with pytest.raises(DatasetError, match=r"_Input.*ISIC2018_Task3_Training_Input"):
+        load_isic_dir(tmp_path)
+
+
+def test_load_isic_dir_names_expected_truth_folder_when_groundtruth_folder_missing(tmp_path):
+    make_isic(tmp_path, [0, 1])
+    (tmp_path / TRUTH).rename(tmp_path / "labels")
+    with pytest.raises(DatasetError, match=r"_GroundTruth.*ISIC2018_Task3_Training_GroundTruth"):
+        load_isic_dir(tmp_path)
+
+
+def test_load_isic_dir_names_expected_csv_when_csv_missing(tmp_path):
+    make_isic(tmp_path, [0, 1])
+    (tmp_path / TRUTH / f"{TRUTH}.csv").unlink()
+    with pytest.raises(DatasetError, match=f"no ground-truth CSV.*{TRUTH}.csv"):
+        load_isic_dir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "image,NV,MEL,BCC,AKIEC,BKL,DF,VASC",  # two classes swapped
+        "image,MEL,NV,BCC,AKIEC,BKL,DF",  # a class missing
+        "id,MEL,NV,BCC,AKIEC,BKL,DF,VASC",  # first column renamed
+    ],
+)
+def test_load_isic_dir_reports_expected_header_when_header_differs(tmp_path, header):
+    make_isic(tmp_path, [0])
+    rewrite_csv(tmp_path, [header, "ISIC_0000000," + ",".join(one_hot(0))])
+    with pytest.raises(DatasetError, match="expected 'image,MEL,NV,BCC,AKIEC,BKL,DF,VASC'"):
+        load_isic_dir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["1.0", "1.0", "0.0", "0.0", "0.0", "0.0", "0.0"],  # two classes
+        ["0.0"] * 7,  # no class
+        ["0.5", "0.5", "0.0", "0.0", "0.0", "0.0", "0.0"],  # soft label
+    ],
+)
+def test_load_isic_dir_names_row_and_image_when_row_not_one_hot(tmp_path, values):
+    make_isic(tmp_path, [0, 1])
+    rewrite_csv(tmp_path, [HEADER, "ISIC_0000000," + ",".join(one_hot(0)), "ISIC_0000001," + ",".join(values)])
+    with pytest.raises(DatasetError, match=r"line 3 \(image 'ISIC_0000001'\).*not one-hot"):
+        load_isic_dir(tmp_path)
+
+
+def test_load_isic_dir_names_image_when_listed_file_absent(tmp_path):
+    make_isic(tmp_path, [0, 1, 2])
+    (tmp_path / INPUT / "ISIC_0000001.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"not found: .*ISIC_0000001\.jpg"):
+        load_isic_dir(tmp_path)
+
+
+def test_load_isic_dir_names_image_when_listed_twice(tmp_path):
+    make_isic(tmp_path, [0, 1])
+    rewrite_csv(tmp_path, [HEADER] + ["ISIC_0000000," + ",".join(one_hot(0))] * 2)
+    with pytest.raises(DatasetError, match="'ISIC_0000000' already listed on line 2"):
+        load_isic_dir(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ split
+
+
+def test_stratified_split_returns_identical_split_when_seed_and_samples_repeat():
+    samples = fake_samples({0: 9, 1: 30, 2: 4, 5: 2})
+    first = stratified_split(samples, 0.25, seed=3)
+    assert stratified_split(list(samples), 0.25, seed=3) == first
+    assert stratified_split(list(reversed(samples)), 0.25, seed=3)[1] == list(reversed(first[1]))
+    assert stratified_split(samples, 0.25, seed=4) != first
+
+
+def test_stratified_split_has_no_overlap_and_covers_all_when_split():
+    samples = fake_samples({0: 9, 1: 30, 2: 4, 3: 1, 6: 2})
+    train_part, val_part = stratified_split(samples, 0.3, seed=0)
+    assert not set(train_part) & set(val_part)
+    assert sorted(map(str, (s.path for s in train_part + val_part))) == sorted(str(s.path) for s in samples)
+
+
+def test_stratified_split_keeps_class_proportions_when_classes_small_or_single():
+    counts = {0: 9, 1: 30, 2: 4, 3: 1, 6: 2}
+    train_part, val_part = stratified_split(fake_samples(counts), 0.25, seed=0)
+    val_counts = {c: sum(s.label == c for s in val_part) for c in counts}
+    train_counts = {c: sum(s.label == c for s in train_part) for c in counts}
+    # round(n * 0.25), at least 1 in val and 1 in train when n >= 2; a singleton stays in train.
+    assert val_counts == {0: 2, 1: 8, 2: 1, 3: 0, 6: 1}
+    assert train_counts == {0: 7, 1: 22, 2: 3, 3: 1, 6: 1}
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_stratified_split_raises_when_fraction_outside_open_unit_interval(fraction):
+    with pytest.raises(ValueError, match="val_fraction"):
+        stratified_split(fake_samples({0: 4}), fraction, seed=0)
+
+
+# --------------------------------------------------------------------------------------- datasets
+
+
+def test_lesion_dataset_eval_item_equals_serving_preprocess_when_train_false(tmp_path):
+    make_isic(tmp_path, [4, 2], width=50, height=37)  # non-square: resize is exercised
+    samples = load_isic_dir(tmp_path)
+    dataset = LesionDataset(samples, size=48, train=False)
+    for index, sample in enumerate(samples):
+        tensor, label = dataset[index]
+        expected = preprocess_rgb(decode_image(sample.path.read_bytes()), 48)
+        assert tensor.dtype == torch.float32 and tuple(tensor.shape) == (3, 48, 48)
+        assert np.array_equal(tensor.numpy(), expected)
+        assert label == sample.label
+
+
+def test_lesion_dataset_train_item_is_reproducible_when_seed_and_epoch_repeat(tmp_path):
+    make_isic(tmp_path, [0, 1])
+    samples = load_isic_dir(tmp_path)
+    a = LesionDataset(samples, size=32, train=True, seed=7)
+    b = LesionDataset(samples, size=32, train=True, seed=7)
+    x_a, label = a[1]
+    assert tuple(x_a.shape) == (3, 32, 32) and x_a.dtype == torch.float32 and label == 1
+    assert torch.equal(x_a, b[1][0])
+    b.set_epoch(1)
+    assert not torch.equal(x_a, b[1][0])  # a new epoch draws a new augmentation
+
+
+def test_augment_rgb_only_moves_pixels_when_jitter_is_zero():
+    rgb = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    outputs = [augment_rgb(rgb, np.random.default_rng(s), jitter=0.0) for s in range(8)]
+    for out in outputs:
+        assert out.shape == rgb.shape and out.dtype == np.uint8
+        np.testing.assert_array_equal(np.sort(out.reshape(-1, 3), axis=0), np.sort(rgb.reshape(-1, 3), axis=0))
+    assert any(not np.array_equal(out, rgb) for out in outputs)
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def test_confusion_matrix_counts_true_rows_and_predicted_columns_when_given_labels():
+    cm = confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2], num_classes=3)
+    np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+
+
+def test_per_class_recall_is_nan_for_absent_class_when_class_missing_from_y_true():
+    recall = per_class_recall([0, 0, 0, 0, 2, 2], [0, 0, 0, 1, 2, 1], num_classes=4)
+    np.testing.assert_allclose(recall[[0, 2]], [0.75, 0.5])
+    assert math.isnan(recall[1]) and math.isnan(recall[3])  # class 1 only predicted, class 3 nowhere
+
+
+def test_balanced_accuracy_excludes_absent_class_when_class_missing_from_y_true():
+    # recalls: class 0 = 1/2, class 1 = 2/2, class 2 absent -> (0.5 + 1.0) / 2
+    assert balanced_accuracy([0, 0, 1, 1], [0, 1, 1, 1], num_classes=3) == pytest.approx(0.75)
+
+
+def test_balanced_accuracy_differs_from_accuracy_when_classes_imbalanced():
+    y_true, y_pred = [0, 0, 0, 1], [0, 0, 0, 0]  # accuracy 0.75
+    assert balanced_accuracy(y_true, y_pred, num_classes=2) == pytest.approx(0.5)
+
+
+def test_metrics_raise_when_labels_out_of_range_or_empty():
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix([0, 7], [0, 0], num_classes=7)
+    with pytest.raises(ValueError, match="length"):
+        confusion_matrix([0, 1], [0], num_classes=7)
+    with pytest.raises(ValueError, match="empty"):
+        balanced_accuracy([], [], num_classes=7)
+
+
+# -------------------------------------------------------------------------------------- train/CLI
+
+
+def test_train_cli_writes_reloadable_checkpoint_and_metrics_when_run_one_epoch(tmp_path, capsys):
+    data = make_isic(tmp_path / "data", [c for c in range(7) for _ in range(2)])  # 14 images
+    out = tmp_path / "out" / "resnet50"
+    argv = ["--backbone", "resnet50", "--data", str(data), "--out", str(out), "--epochs", "1",
+            "--batch-size", "8", "--input-size", "64", "--threads", "2", "--seed", "1"]
+    assert main(argv) == 0
+
+    for name in ("checkpoint.pt", "config.json", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.tmp"))
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["backbone"] == "resnet50" and config["input_size"] == 64 and config["native_input_size"] == 224
+    assert config["class_names"] == list(CLASS_NAMES)
+    assert config["data"] == str(data.resolve()) and config["seed"] == 1 and config["epochs"] == 1
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"best_epoch", "val_balanced_accuracy", "per_class_recall", "history"} <= set(metrics)
+    assert metrics["best_epoch"] == 1 and metrics["val_samples"] == 7 and metrics["train_samples"] == 7
+    assert list(metrics["per_class_recall"]) == list(CLASS_NAMES)
+    assert len(metrics["history"]) == 1
+    assert {"train_loss", "val_bacc", "seconds"} <= set(metrics["history"][0])
+    assert 0.0 <= metrics["val_balanced_accuracy"] <= 1.0
+    assert metrics["history"][0]["val_bacc"] == metrics["val_balanced_accuracy"]
+
+    spec, model, payload = load_checkpoint(out / "checkpoint.pt")
+    assert spec.name == "resnet50" and payload["config"] == config
+    assert payload["metrics"]["val_balanced_accuracy"] == metrics["val_balanced_accuracy"]
+    # The reloaded weights reproduce the recorded validation score on the same split.
+    _, val_samples = stratified_split(load_isic_dir(data), config["val_fraction"], config["seed"])
+    with torch.inference_mode():
+        batch = torch.stack([LesionDataset(val_samples, 64, train=False)[i][0] for i in range(len(val_samples))])
+        preds = model(batch).argmax(dim=1).numpy()
+    assert balanced_accuracy([s.label for s in val_samples], preds) == pytest.approx(metrics["val_balanced_accuracy"])
+
+
+def test_train_cli_lists_backbone_choices_when_backbone_unknown(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--backbone", "vgg16", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown backbone 'vgg16'" in err and all(name in err for name in BACKBONE_NAMES)
+
+
+def test_train_raises_naming_path_when_data_dir_missing(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=f"data directory not found: .*nowhere"):
+        train(TrainConfig(backbone="resnet50", data=str(missing), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_cli_exits_with_message_when_data_dir_missing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--backbone", "densenet121", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "data directory not found" in capsys.readouterr().err
