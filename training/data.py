@@ -18,7 +18,7 @@ import csv
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -262,3 +262,9 @@ class LesionDataset(Dataset):
         else:
             array = preprocess_rgb(rgb, self.size)
         return torch.from_numpy(array), sample.label
+
+
+def validation_samples(config: Mapping[str, Any]) -> list[Sample]:
+    """The validation split a training run used, rebuilt from its resolved ``config.json``."""
+    samples = load_isic_dir(config["data"])
+    return stratified_split(samples, config["val_fraction"], config["seed"])[1]

@@ -26,7 +26,7 @@ def validate_url(url: str) -> str:
     """Check that ``url`` is ``host:port`` as tritonclient's gRPC client expects."""
     if "://" in url:
         # tritonclient would fail later with an obscure DNS error; say what is wrong instead.
-        raise ValueError(f"url must be host:port (e.g. {DEFAULT_URL}) without a scheme, got {url!r}; use ssl=True for TLS")
+        raise ValueError(f"url must be host:port (e.g. {DEFAULT_URL}) without a scheme, got {url!r}")
     if not url:
         raise ValueError("url must not be empty")
     return url

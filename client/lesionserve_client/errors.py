@@ -6,8 +6,9 @@ from typing import Optional
 
 from tritonclient.utils import InferenceServerException
 
-# The ensemble's decode step reports the failing row of *that* request in this form.
-_UNDECODABLE_RE = re.compile(r"undecodable image at index (\d+):\s*(.*)", re.DOTALL)
+# The ensemble's decode step reports the failing row of *that* request in this form; the reason
+# stops at the line end so any traceback a backend appends stays out of it.
+_UNDECODABLE_RE = re.compile(r"undecodable image at index (\d+):[ \t]*([^\n]*)")
 
 
 class LesionServeError(Exception):

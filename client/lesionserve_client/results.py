@@ -46,6 +46,11 @@ class LesionResult:
         }
 
 
+def _to_float(value: np.float32) -> float:
+    """A plain float via float32's shortest repr, so 0.9 prints as 0.9, not 0.8999999761581421."""
+    return float(str(value))
+
+
 def _output(result: InferResult, name: str, shape: Sequence[int]) -> np.ndarray:
     """Fetch one output and check its shape against the contract."""
     array = result.as_numpy(name)
@@ -73,10 +78,9 @@ def parse_response(result: InferResult, info: ModelInfo, count: int) -> list[Les
         results.append(
             LesionResult(
                 label=label,
-                # float() so results hold plain Python floats (JSON-friendly, no numpy scalars).
-                probabilities={c: float(p) for c, p in zip(classes, probs[row])},
+                probabilities={c: _to_float(p) for c, p in zip(classes, probs[row])},
                 backbone_probabilities={
-                    b: {c: float(p) for c, p in zip(classes, backbone_probs[row, i])}
+                    b: {c: _to_float(p) for c, p in zip(classes, backbone_probs[row, i])}
                     for i, b in enumerate(backbones)
                 },
                 thresholds_fired=tuple(c for c, hit in zip(classes, fired[row]) if hit),

@@ -68,10 +68,14 @@ def fake_model(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
 def expected_result(blob: bytes) -> LesionResult:
     """What the client should return for ``blob`` given fake_model."""
     probs, backbone = fake_model(blob)
+
+    def f32(value: np.float32) -> float:
+        return float(str(value))  # the client reports float32's shortest repr as a float
+
     return LesionResult(
         label=CLASSES[int(np.argmax(probs))],
-        probabilities={c: float(p) for c, p in zip(CLASSES, probs)},
-        backbone_probabilities={b: {c: float(p) for c, p in zip(CLASSES, backbone[i])} for i, b in enumerate(BACKBONES)},
+        probabilities={c: f32(p) for c, p in zip(CLASSES, probs)},
+        backbone_probabilities={b: {c: f32(p) for c, p in zip(CLASSES, backbone[i])} for i, b in enumerate(BACKBONES)},
         thresholds_fired=tuple(c for c, p in zip(CLASSES, probs) if p > THRESHOLD),
     )
 
@@ -130,7 +134,14 @@ class FakeTritonClient:
             raise self.config_error
         return json.loads(json.dumps(self.config))
 
-    def infer(self, model_name: str, inputs: list[InferInput], outputs: Any = None, client_timeout: Optional[float] = None, **_: Any) -> InferResult:
+    def infer(
+        self,
+        model_name: str,
+        inputs: list[InferInput],
+        outputs: Any = None,
+        client_timeout: Optional[float] = None,
+        **_: Any,
+    ) -> InferResult:
         (tensor,) = inputs
         assert (tensor.name(), tensor.datatype()) == ("raw_image", "BYTES")
         blobs = [bytes(b) for b in deserialize_bytes_tensor(tensor._get_content())]
@@ -359,7 +370,9 @@ def test_classify_raises_undecodable_image_error_with_caller_index_when_a_later_
         if b"not an image" in batch:
             row = batch.index(b"not an image")
             raise InferenceServerException(
-                f"in ensemble 'lesion_ensemble', undecodable image at index {row}: cv2.imdecode returned None",
+                # A backend may append a traceback; it must not leak into ``reason``.
+                f"in ensemble 'lesion_ensemble', undecodable image at index {row}: cv2.imdecode returned None"
+                "\n\nAt:\n  model.py(24): execute",
                 status="StatusCode.INVALID_ARGUMENT",
             )
 
@@ -393,8 +406,10 @@ def test_classify_raises_model_config_error_when_config_lacks_parameter(fake, mi
 
 
 def test_all_errors_derive_from_lesionserve_error_when_caught_generically():
-    for error in (ServerUnavailableError, RequestTimeoutError, UndecodableImageError, InvalidImageError, ServerError, ModelConfigError):
+    errors = (ServerUnavailableError, RequestTimeoutError, UndecodableImageError, InvalidImageError, ServerError)
+    for error in errors:
         assert issubclass(error, LesionServeError)
+    assert issubclass(ModelConfigError, ServerError)
 
 
 # -- lifecycle ------------------------------------------------------------------------------

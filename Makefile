@@ -1,0 +1,34 @@
+# LesionServe: `make demo` runs the main job, `make test` runs the tests. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lesionserve-setup
+
+.PHONY: setup demo test test-unit lock clean
+
+setup: $(STAMP)
+
+# Pinned versions from requirements.lock (numpy<2: Triton's python stub breaks with numpy 2).
+# Re-runs only when the lock or a pyproject changes; a second `make setup` does nothing.
+$(STAMP): requirements.lock pyproject.toml client/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . -e client
+	$(PY) -c "import numpy, torch, timm, onnxruntime, tritonclient.grpc, pytriton, cv2; assert numpy.__version__ < '2'"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m lesionserve.demo
+
+test: setup
+	$(PY) -m pytest -ra
+
+test-unit: setup
+	$(PY) -m pytest -ra tests/unit
+
+# Refresh requirements.lock from the current venv (after changing a dependency on purpose).
+lock:
+	$(PY) -m pip freeze --exclude-editable > requirements.lock
+
+clean:
+	rm -rf runs model_repository/*/1/model.onnx model_repository/*/1/calibration.json

@@ -1,0 +1,3 @@
+from lesionserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""``lesionserve`` command line: serve the model repository with the bundled tritonserver.
+
+    lesionserve serve --artifacts runs/demo      # assemble runs/demo into model_repository, then serve
+    lesionserve serve --grpc-port 9001           # serve model_repository as it is
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from lesionserve.server import PROJECT_ROOT, ServerStartError, TritonServer
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repository", type=Path, default=PROJECT_ROOT / "model_repository", help="model repository (default %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network (default %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port, 0 = any free port (default %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port, 0 = any free port (default %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default %(default)s)")
+    parser.add_argument("--model-config-name", help="use configs/<NAME>.pbtxt where a model has one (e.g. gpu)")
+    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness (default %(default)s)")
+
+
+def server_from_args(args: argparse.Namespace) -> TritonServer:
+    return TritonServer(
+        repository=args.repository,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        model_config_name=args.model_config_name,
+        startup_timeout=args.startup_timeout,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.artifacts:
+        from export.assemble import assemble
+
+        assemble(args.artifacts, args.repository)
+        print(f"assembled {args.artifacts} into {args.repository}")
+    server = server_from_args(args)
+    # Ctrl-C and SIGTERM (kill, container stop) both stop the server cleanly, even where the shell
+    # started us with SIGINT ignored (background jobs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        server.start()
+        print(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, log {server.log_path}")
+        print("Ctrl-C to stop.")
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        print(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}", file=sys.stderr)
+        return server.process.returncode or 1
+    except ServerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping tritonserver ...")
+        code = server.stop()
+        print(f"stopped (exit code {code})")
+        return 0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lesionserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="assemble (optional) and run tritonserver until Ctrl-C")
+    serve.add_argument("--artifacts", type=Path, help="copy <artifacts>/<backbone>/model.onnx and calibration.json in first")
+    add_server_args(serve)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

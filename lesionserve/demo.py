@@ -1,0 +1,119 @@
+"""The main job, end to end on this machine: data -> training -> calibration -> ONNX -> Triton -> SDK.
+
+    python -m lesionserve.demo            # what `make demo` runs
+
+1. generate a synthetic ISIC-layout dataset (600x450 JPEGs),
+2. train ResNet50@224, DenseNet121@224 and EfficientNet-B3@300 briefly (from scratch),
+3. calibrate fusion weights and MEL/AKIEC thresholds on the validation split,
+4. export each backbone to ONNX (checked against PyTorch),
+5. assemble model_repository/ and start tritonserver on free loopback ports,
+6. classify held-out images through the client SDK and print the table,
+7. compare with the in-process reference pipeline, then shut the server down.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lesionserve.server import PROJECT_ROOT, TritonServer
+from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
+
+
+def stage(number: int, text: str) -> None:
+    print(f"\n[{number}/7] {text}", flush=True)
+
+
+def run_demo(args: argparse.Namespace) -> float:
+    """Run every stage; returns the max |Triton - reference| over fused probabilities."""
+    from export.assemble import assemble
+    from export.onnx_export import export_onnx
+    from lesionserve.reference import ReferencePipeline
+    from lesionserve_client import LesionClient
+    from lesionserve_client.cli import format_table
+    from training.calibrate import calibrate
+    from training.synthetic import generate_dataset
+    from training.train import train
+
+    out = Path(args.out)
+    stage(1, f"synthetic dataset: {args.num_images} images -> {out / 'data'}")
+    data = generate_dataset(out / "data", num_images=args.num_images, seed=args.seed, overwrite=True)
+    held_out = generate_dataset(out / "held_out", class_counts={c: 1 for c in CLASS_NAMES}, seed=args.seed + 1000, overwrite=True)
+
+    for backbone in BACKBONE_NAMES:
+        stage(2, f"training {backbone} ({args.epochs} epochs, from scratch)")
+        train({
+            "backbone": backbone, "data": str(data.root), "out": str(out / backbone),
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        })
+
+    stage(3, f"calibrating fusion weights and thresholds on validation TTA outputs (T={args.views})")
+    calibration = calibrate(out, views=args.views)
+    print("  weights: " + ", ".join(f"{k} {v:.3f}" for k, v in calibration.weights.items()))
+    print("  thresholds: " + ", ".join(f"{k} {v:.3f} ({calibration.meta['threshold_selection'][k]})" for k, v in calibration.thresholds.items()))
+
+    stage(4, "exporting ONNX (each checked against PyTorch)")
+    for backbone in BACKBONE_NAMES:
+        r = export_onnx(out / backbone / "checkpoint.pt", out / backbone / "model.onnx")
+        print(f"  {backbone}: max |ORT - torch| on logits {r.max_abs_diff:.2e} (limit {r.atol:.0e})")
+
+    stage(5, "assembling the model repository and starting tritonserver")
+    repository = PROJECT_ROOT / "model_repository"
+    if args.views != 8:  # the committed repository serves T=8; other counts are served from a copy
+        repository = assemble(out, out=out / "model_repository", views=args.views)
+    else:
+        assemble(out, repository)
+    images = sorted(held_out.images_dir.glob("*.jpg"))
+    truth = _truth(held_out.labels_csv)
+    with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0) as server:
+        print(f"  ready: gRPC {server.grpc_url} (log {server.log_path})")
+        stage(6, f"classifying {len(images)} held-out images through the SDK (LesionClient.classify)")
+        start = time.perf_counter()
+        with LesionClient(server.grpc_url) as client:
+            results = client.classify([str(p) for p in images])
+        seconds = time.perf_counter() - start
+        print(format_table([f"{p.name} (true {truth[p.stem]})" for p in images], results))
+        print(f"  {len(images)} images x {args.views} views in {seconds:.2f}s; "
+              f"{sum(r.label == truth[p.stem] for p, r in zip(images, results))}/{len(images)} correct")
+    print("  tritonserver stopped")
+
+    stage(7, "parity: the same images through the in-process PyTorch reference pipeline")
+    reference = ReferencePipeline.from_artifacts(out, views=args.views).run([p.read_bytes() for p in images])
+    served = np.array([[r.probabilities[c] for c in CLASS_NAMES] for r in results])
+    diff = float(np.abs(served - reference.probs).max())
+    same = sum(r.label == l for r, l in zip(results, reference.labels))
+    print(f"  max |Triton - reference| over fused probabilities: {diff:.2e}; labels equal {same}/{len(images)}")
+    (out / "demo_summary.json").write_text(json.dumps({"parity_max_abs_diff": diff, "labels_equal": same, "images": len(images)}, indent=2))
+    return diff
+
+
+def _truth(labels_csv: Path) -> dict[str, str]:
+    lines = labels_csv.read_text().splitlines()[1:]
+    return {row.split(",")[0]: CLASS_NAMES[[float(v) for v in row.split(",")[1:]].index(1.0)] for row in lines}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "runs" / "demo"), help="work folder (default %(default)s)")
+    parser.add_argument("--num-images", type=int, default=140, help="synthetic training+validation images (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs per backbone (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="(default %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default %(default)s)")
+    parser.add_argument("--views", type=int, default=8, choices=(1, 2, 4, 8), help="TTA views served (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    start = time.perf_counter()
+    run_demo(args)
+    print(f"\ndemo finished in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

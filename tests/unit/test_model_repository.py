@@ -1,0 +1,102 @@
+"""The committed model repository agrees with lesionserve.spec, and assembly places artifacts right."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from export.assemble import DEFAULT_REPOSITORY, AssembleError, assemble, set_views
+from lesionserve.calibration import Calibration
+from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_NAMES, BACKBONES, CLASS_NAMES, NUM_CLASSES, input_sizes
+from lesionserve.triton_config import square_size
+
+MODELS = ("preprocess", "tta", *BACKBONE_NAMES, "fusion", "threshold", "lesion_ensemble")
+
+
+def load_config(name: str, repository: Path = DEFAULT_REPOSITORY, variant: str | None = None) -> model_config_pb2.ModelConfig:
+    path = repository / name / ("config.pbtxt" if variant is None else f"configs/{variant}.pbtxt")
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_repository_model_has_parsable_config_and_version_dir_when_committed(name):
+    config = load_config(name)
+    assert config.name == name
+    assert (DEFAULT_REPOSITORY / name / "1").is_dir()
+    if config.backend == "python":
+        assert (DEFAULT_REPOSITORY / name / "1" / "model.py").is_file()
+
+
+def test_ensemble_parameters_match_spec_when_read_by_clients():
+    config = load_config("lesion_ensemble")
+    assert config.parameters["class_names"].string_value.split(",") == list(CLASS_NAMES)
+    assert config.parameters["backbones"].string_value.split(",") == list(BACKBONE_NAMES)
+    outputs = {o.name: list(o.dims) for o in config.output}
+    assert outputs == {"probs": [NUM_CLASSES], "label": [1], "backbone_probs": [len(BACKBONE_NAMES), NUM_CLASSES],
+                       "thresholds_fired": [NUM_CLASSES]}
+
+
+def test_preprocess_outputs_one_tensor_per_distinct_backbone_resolution():
+    config = load_config("preprocess")
+    assert sorted(square_size(o.dims) for o in config.output) == list(input_sizes())
+    assert config.max_batch_size == load_config("lesion_ensemble").max_batch_size
+
+
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+@pytest.mark.parametrize("variant", [None, "gpu"])
+def test_backbone_config_matches_spec_and_fits_fan_out(backbone, variant):
+    config = load_config(backbone, variant=variant)
+    size = BACKBONES[backbone].input_size
+    assert list(config.input[0].dims) == [3, size, size] and list(config.output[0].dims) == [NUM_CLASSES]
+    # A whole request's fan-out must fit one backbone batch (checked at run time only by Triton).
+    assert config.max_batch_size >= load_config("lesion_ensemble").max_batch_size * max(ALLOWED_VIEWS)
+    assert config.HasField("dynamic_batching")
+
+
+def test_ensemble_routes_each_backbone_to_its_resolution():
+    steps = {s.model_name: s for s in load_config("lesion_ensemble").ensemble_scheduling.step}
+    for name, spec in BACKBONES.items():
+        assert steps[name].input_map["pixel_values"] == spec.input_tensor
+        assert steps[name].output_map["logits"] == f"logits_{name}"
+    fusion_inputs = [i.name for i in load_config("fusion").input if i.name.startswith("logits_")]
+    assert fusion_inputs == [f"logits_{b}" for b in BACKBONE_NAMES]  # backbone axis order = spec order
+
+
+def test_tta_view_parameter_is_allowed_when_committed():
+    assert int(load_config("tta").parameters["views"].string_value) in ALLOWED_VIEWS
+
+
+def _fake_artifacts(root: Path) -> Path:
+    for b in BACKBONE_NAMES:
+        (root / b).mkdir(parents=True)
+        (root / b / "model.onnx").write_bytes(b"onnx:" + b.encode())
+    Calibration.uniform().save(root / "calibration.json")
+    return root
+
+
+def test_assemble_copies_repository_and_artifacts_when_out_given(tmp_path):
+    artifacts = _fake_artifacts(tmp_path / "art")
+    repo = assemble(artifacts, out=tmp_path / "repo", views=2)
+    for b in BACKBONE_NAMES:
+        assert (repo / b / "1" / "model.onnx").read_bytes() == b"onnx:" + b.encode()
+    assert Calibration.load(repo / "threshold" / "1" / "calibration.json").weights == Calibration.uniform().weights
+    assert load_config("tta", repo).parameters["views"].string_value == "2"
+    assert load_config("tta").parameters["views"].string_value == "8"  # committed one untouched
+
+
+def test_assemble_lists_every_missing_artifact_when_incomplete(tmp_path):
+    artifacts = _fake_artifacts(tmp_path / "art")
+    (artifacts / "densenet121" / "model.onnx").unlink()
+    (artifacts / "calibration.json").unlink()
+    with pytest.raises(AssembleError) as info:
+        assemble(artifacts, out=tmp_path / "repo")
+    assert "densenet121/model.onnx" in str(info.value) and "calibration.json" in str(info.value)
+    assert not (tmp_path / "repo").exists()  # nothing half-built
+
+
+def test_set_views_raises_when_count_not_allowed(tmp_path):
+    repo = assemble(_fake_artifacts(tmp_path / "art"), out=tmp_path / "repo")
+    with pytest.raises(ValueError, match="views must be one of"):
+        set_views(repo, 3)

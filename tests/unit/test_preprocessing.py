@@ -1,0 +1,142 @@
+"""Preprocessing, views and fusion: the numeric pieces shared by training, reference and Triton."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from lesionserve.fusion import fuse, softmax
+from lesionserve.preprocessing import (
+    ImageDecodeError,
+    decode_image,
+    normalize,
+    preprocess_batch,
+    preprocess_bytes,
+    preprocess_rgb,
+)
+from lesionserve.spec import IMAGENET_MEAN, IMAGENET_STD
+from lesionserve.views import make_views
+
+RED_RGB = (200, 30, 10)
+
+
+def _encode(array: np.ndarray, ext: str) -> bytes:
+    ok, buf = cv2.imencode(ext, array)
+    assert ok
+    return buf.tobytes()
+
+
+def _red_bgr(h: int = 20, w: int = 30) -> np.ndarray:
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = RED_RGB[::-1]
+    return img
+
+
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".tiff"])
+def test_decode_image_returns_rgb_when_file_is_lossless_bgr_encoded(ext):
+    rgb = decode_image(_encode(_red_bgr(), ext))
+    assert rgb.shape == (20, 30, 3) and rgb.dtype == np.uint8
+    assert tuple(rgb[5, 5]) == RED_RGB
+
+
+def test_decode_image_returns_close_rgb_when_jpeg():
+    rgb = decode_image(_encode(_red_bgr(), ".jpg"))
+    assert np.abs(rgb[10, 15].astype(int) - RED_RGB).max() <= 4
+
+
+def test_decode_image_replicates_channels_when_grayscale():
+    gray = np.arange(600, dtype=np.uint8).reshape(20, 30)
+    rgb = decode_image(_encode(gray, ".png"))
+    assert rgb.shape == (20, 30, 3)
+    assert (rgb[..., 0] == gray).all() and (rgb[..., 2] == gray).all()
+
+
+def test_decode_image_drops_alpha_when_rgba():
+    bgra = np.dstack([_red_bgr(), np.full((20, 30), 7, np.uint8)])
+    rgb = decode_image(_encode(bgra, ".png"))
+    assert rgb.shape == (20, 30, 3) and tuple(rgb[0, 0]) == RED_RGB
+
+
+def test_decode_image_scales_to_8_bit_when_png_is_16_bit():
+    img16 = (_red_bgr().astype(np.uint16) * 257)
+    rgb = decode_image(_encode(img16, ".png"))
+    assert rgb.dtype == np.uint8 and tuple(rgb[0, 0]) == RED_RGB
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [(b"", "empty input"), (b"not an image at all", "cannot decode"), (_encode(_red_bgr(), ".jpg")[:40], "cannot decode")],
+)
+def test_decode_image_raises_precise_error_when_bytes_are_bad(data, fragment):
+    with pytest.raises(ImageDecodeError, match=fragment):
+        decode_image(data)
+
+
+def test_decode_image_refuses_when_pixels_exceed_limit():
+    with pytest.raises(ImageDecodeError, match=r"30x20 pixels; the limit is 100 pixels"):
+        decode_image(_encode(_red_bgr(), ".png"), max_pixels=100)
+
+
+def test_normalize_applies_imagenet_statistics_when_given_uint8():
+    rgb = np.full((4, 4, 3), 255, np.uint8)
+    out = normalize(rgb)
+    expected = (1.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    assert out.shape == (3, 4, 4) and out.dtype == np.float32
+    np.testing.assert_allclose(out[:, 0, 0], expected, rtol=1e-6)
+
+
+def test_preprocess_bytes_resizes_once_per_size_when_sizes_differ():
+    out = preprocess_bytes(_encode(_red_bgr(45, 60), ".png"), (224, 300))
+    assert out[224].shape == (3, 224, 224) and out[300].shape == (3, 300, 300)
+    rgb = decode_image(_encode(_red_bgr(45, 60), ".png"))
+    np.testing.assert_array_equal(out[300], preprocess_rgb(rgb, 300))
+
+
+def test_preprocess_batch_names_index_when_one_image_is_undecodable():
+    good = _encode(_red_bgr(), ".png")
+    with pytest.raises(ImageDecodeError, match=r"undecodable image at index 2: "):
+        preprocess_batch([good, good, b"\x00garbage", good], (32,))
+
+
+def test_make_views_is_identity_when_one_view():
+    x = np.random.default_rng(0).normal(size=(2, 3, 5, 5)).astype(np.float32)
+    np.testing.assert_array_equal(make_views(x, 1), x)
+
+
+def test_make_views_gives_eight_distinct_dihedral_views_image_major_when_t8():
+    x = np.random.default_rng(0).normal(size=(2, 3, 5, 5)).astype(np.float32)
+    v = make_views(x, 8)
+    assert v.shape == (16, 3, 5, 5)
+    expected = [x[1], x[1][..., ::-1], x[1][..., ::-1, :], np.rot90(x[1], 2, (1, 2)), x[1].transpose(0, 2, 1),
+                np.rot90(x[1], -1, (1, 2)), np.rot90(x[1], 1, (1, 2)), np.rot90(x[1].transpose(0, 2, 1), 2, (1, 2))]
+    for k in range(8):
+        np.testing.assert_array_equal(v[8 + k], expected[k])
+    assert len({v[k].tobytes() for k in range(8)}) == 8
+
+
+@pytest.mark.parametrize("views", [0, 3, 16])
+def test_make_views_raises_when_view_count_not_allowed(views):
+    with pytest.raises(ValueError, match=r"views must be one of \(1, 2, 4, 8\)"):
+        make_views(np.zeros((1, 3, 4, 4), np.float32), views)
+
+
+def test_softmax_matches_definition_when_logits_are_large():
+    logits = np.array([[1000.0, 1001.0, 999.0]], np.float32)
+    e = np.exp([-1.0, 0.0, -2.0])
+    np.testing.assert_allclose(softmax(logits)[0], e / e.sum(), rtol=1e-6)
+
+
+def test_fuse_averages_views_then_weights_backbones_when_two_backbones():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(6, 7)).astype(np.float32), rng.normal(size=(6, 7)).astype(np.float32)
+    probs, per = fuse([a, b], [0.25, 0.75], views=2)
+    pa = softmax(a).reshape(3, 2, 7).mean(1)
+    pb = softmax(b).reshape(3, 2, 7).mean(1)
+    np.testing.assert_allclose(per[:, 0], pa, atol=1e-7)
+    np.testing.assert_allclose(probs, 0.25 * pa + 0.75 * pb, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+
+
+def test_fuse_raises_when_rows_not_a_multiple_of_views():
+    with pytest.raises(ValueError, match="multiple of views=4"):
+        fuse([np.zeros((6, 7), np.float32)], [1.0], views=4)
