@@ -23,6 +23,11 @@ SHM_DEFAULT_BYTES = 32 * 1024 * 1024
 SHM_GROWTH_BYTES = 32 * 1024 * 1024
 
 
+#: Log lines that mean a model will never load. Triton usually exits on them (--exit-on-error), but
+#: some python-backend failures (e.g. a missing model.py) leave the load hanging: we stop it ourselves.
+FATAL_LOG_MARKERS = ("failed to load '", "Failed to preinitialize Python stub")
+
+
 class ServerStartError(RuntimeError):
     """tritonserver exited or did not become ready; the message carries its log."""
 
@@ -155,7 +160,8 @@ class TritonServer:
     def model_errors(self) -> str:
         """The lines of the log that explain a failed model load."""
         text = self.log_path.read_text(errors="replace") if self.log_path else ""
-        keep = [ln for ln in text.splitlines() if "UNAVAILABLE" in ln or "failed to load" in ln or "Error" in ln]
+        markers = ("UNAVAILABLE", "Error", *FATAL_LOG_MARKERS)
+        keep = [ln for ln in text.splitlines() if any(m in ln for m in markers)]
         return "\n".join(keep) or self.log_tail()
 
     def is_ready(self) -> bool:
@@ -175,9 +181,17 @@ class TritonServer:
                 )
             if self.is_ready():
                 return
+            if self._log_has_fatal_marker():
+                errors = self.model_errors()
+                self.stop()
+                raise ServerStartError(f"a model failed to load in {self.repository}:\n{errors}\n(full log: {self.log_path})")
             time.sleep(0.5)
         self.stop()
         raise ServerStartError(f"tritonserver not ready after {self.startup_timeout:.0f}s:\n{self.log_tail()}")
+
+    def _log_has_fatal_marker(self) -> bool:
+        text = self.log_path.read_text(errors="replace") if self.log_path else ""
+        return any(marker in text for marker in FATAL_LOG_MARKERS)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (Triton unloads models and exits), then SIGKILL the group if it hangs."""

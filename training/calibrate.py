@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from lesionserve.calibration import Calibration, exceeds
 from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
@@ -23,6 +25,7 @@ from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
 THETA_GRID = np.linspace(0.01, 0.99, 199)
 FALLBACK_THETA = 0.5
 RELAXED_SPECIFICITY = 0.50
+CHUNK = 8  # images per reference-pipeline call: bounds memory and paces the progress bar
 
 
 @dataclass(frozen=True)
@@ -101,9 +104,13 @@ def calibrate(artifacts: str | Path, views: int = 8, rules: tuple[ThresholdRule,
     samples = validation_samples(config)
     # Thresholds are chosen on the fused outputs these weights produce, before any threshold exists.
     pipeline = ReferencePipeline.from_artifacts(artifacts, views=views, calibration=Calibration(weights=weights))
-    out = pipeline.run([Path(s.path).read_bytes() for s in samples])
+    chunks = [samples[i : i + CHUNK] for i in range(0, len(samples), CHUNK)]
+    probs = np.concatenate([
+        pipeline.run([Path(s.path).read_bytes() for s in chunk]).probs
+        for chunk in tqdm(chunks, desc=f"validation TTA x{views}", unit="batch", file=sys.stderr)
+    ])
     labels = np.array([s.label for s in samples])
-    thresholds, notes = calibrate_thresholds(out.probs, labels, rules)
+    thresholds, notes = calibrate_thresholds(probs, labels, rules)
     calibration = Calibration(
         weights=weights,
         thresholds=thresholds,

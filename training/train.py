@@ -134,6 +134,31 @@ def _recall_dict(recall: np.ndarray) -> dict[str, float | None]:
 
 
 @torch.inference_mode()
+@torch.no_grad()
+def recompute_bn_stats(model: torch.nn.Module, loader: DataLoader, max_batches: int = 50) -> None:
+    """Replace BatchNorm running statistics by exact averages over ``loader`` ("precise BN").
+
+    With few optimiser steps (short or small runs) the exponential running averages are still far
+    from the true statistics and eval-mode predictions collapse to one class; exact averages over
+    the training images fix that at the cost of one forward pass.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the exact mean over the batches seen
+    model.train()
+    for i, (images, _) in enumerate(loader):
+        if i >= max_batches:
+            break
+        model(images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
 def evaluate(model: torch.nn.Module, loader: DataLoader) -> dict[str, Any]:
     """Loss, accuracy, balanced accuracy, per-class recall and confusion matrix on ``loader``."""
     model.eval()
@@ -179,11 +204,19 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         generator=torch.Generator().manual_seed(cfg["seed"]),
     )
     val_loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False, num_workers=0)
+    # Training images through the eval transform, for BatchNorm statistics (see recompute_bn_stats).
+    bn_loader = DataLoader(
+        LesionDataset(train_samples, size, train=False), batch_size=batch_size, shuffle=False, num_workers=0
+    )
     steps = len(train_loader)
     if cfg["max_steps_per_epoch"] is not None:
         steps = min(steps, cfg["max_steps_per_epoch"])
 
     model = create_backbone(cfg["backbone"])
+    # A zero head starts every run at loss ln(7): timm's EfficientNet head init alone gives logits
+    # large enough (initial loss ~7) to destabilise short from-scratch runs.
+    torch.nn.init.zeros_(model.get_classifier().weight)
+    torch.nn.init.zeros_(model.get_classifier().bias)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     loss_fn = torch.nn.CrossEntropyLoss()
     out.mkdir(parents=True, exist_ok=True)
@@ -232,6 +265,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
             bar.update(1)
         bar.close()
 
+        recompute_bn_stats(model, bn_loader)
         val = evaluate(model, val_loader)
         seconds = time.perf_counter() - started
         is_best = val["balanced_accuracy"] > best

@@ -305,3 +305,19 @@ def test_train_cli_exits_with_message_when_data_dir_missing(tmp_path, capsys):
         main(["--backbone", "densenet121", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "data directory not found" in capsys.readouterr().err
+
+
+def test_recompute_bn_stats_sets_exact_feature_mean_when_batches_are_equal_sized():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from training.train import recompute_bn_stats
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    x = torch.randn(12, 3, 8, 8) * 3 + 1
+    loader = DataLoader(TensorDataset(x, torch.zeros(12)), batch_size=4)
+    recompute_bn_stats(model, loader)
+    with torch.no_grad():
+        features = model[0](x)
+    torch.testing.assert_close(model[1].running_mean, features.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training

@@ -1,0 +1,42 @@
+"""ONNX export: named tensors, dynamic batch, and the self-check against PyTorch."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from export.onnx_export import INPUT_NAME, OUTPUT_NAME, ExportCheckError, export_onnx, main
+from lesionserve.models import create_backbone, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet50" / "checkpoint.pt"
+    save_checkpoint(path, "resnet50", create_backbone("resnet50"))
+    return path
+
+
+def test_export_onnx_writes_named_dynamic_model_when_check_passes(checkpoint, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    graph = onnx.load(str(out)).graph
+    assert [i.name for i in graph.input] == [INPUT_NAME] and [o.name for o in graph.output] == [OUTPUT_NAME]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    report = json.loads(out.with_suffix(".export.json").read_text())
+    assert report["max_abs_diff"] <= report["atol"] and report["input_size"] == 224
+    assert "max |ORT - torch|" in capsys.readouterr().out
+
+
+def test_export_onnx_raises_and_leaves_no_file_when_tolerance_not_met(checkpoint, tmp_path):
+    out = tmp_path / "model.onnx"
+    with pytest.raises(ExportCheckError, match=r"resnet50: ONNX Runtime differs from PyTorch by .* \(> atol"):
+        export_onnx(checkpoint, out, atol=-1.0)  # no difference is <= -1: the check must fail
+    assert not out.exists() and not out.with_suffix(".onnx.tmp").exists()
+
+
+def test_export_onnx_raises_when_checkpoint_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        export_onnx(tmp_path / "none.pt", tmp_path / "m.onnx")
