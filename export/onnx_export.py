@@ -17,6 +17,8 @@ import onnxruntime as ort
 import torch
 
 from lesionserve.models import load_checkpoint
+from lesionserve.preprocessing import preprocess_rgb
+from lesionserve.spec import CLASS_NAMES
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
@@ -43,9 +45,16 @@ class OnnxExportReport:
 
 
 def check_batch(input_size: int, batch: int = 3, seed: int = 0) -> np.ndarray:
-    """A deterministic, image-statistics-like batch (normalised pixels lie roughly in [-2, 2.6])."""
+    """Synthetic lesions through the shared preprocessing: inputs like the ones served.
+
+    Uniform noise is no good here: trained networks map it to logits in the thousands, where
+    float32 summation order alone moves logits by tens and the comparison says nothing.
+    """
+    from training.synthetic import render_lesion
+
     rng = np.random.default_rng(seed)
-    return rng.uniform(-2.0, 2.5, size=(batch, 3, input_size, input_size)).astype(np.float32)
+    images = [render_lesion(CLASS_NAMES[i % len(CLASS_NAMES)], rng, (600, 450)) for i in range(batch)]
+    return np.stack([preprocess_rgb(image, input_size) for image in images])
 
 
 def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:

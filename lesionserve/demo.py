@@ -99,7 +99,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(PROJECT_ROOT / "runs" / "demo"), help="work folder (default %(default)s)")
     parser.add_argument("--num-images", type=int, default=140, help="synthetic training+validation images (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs per backbone (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs per backbone (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="(default %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default %(default)s)")
     parser.add_argument("--views", type=int, default=8, choices=(1, 2, 4, 8), help="TTA views served (default %(default)s)")
