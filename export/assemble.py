@@ -14,8 +14,10 @@ import re
 import shutil
 from pathlib import Path
 
+import onnx
+
 from lesionserve.calibration import Calibration
-from lesionserve.spec import BACKBONE_NAMES, check_views
+from lesionserve.spec import BACKBONE_NAMES, get_backbone, check_views
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
@@ -31,6 +33,31 @@ def artifact_files(artifacts: Path) -> dict[Path, list[str]]:
     files = {artifacts / b / "model.onnx": [f"{b}/1/model.onnx"] for b in BACKBONE_NAMES}
     files[artifacts / "calibration.json"] = [f"{m}/1/calibration.json" for m in CALIBRATED_MODELS]
     return files
+
+
+def onnx_signature(path: Path) -> tuple[str, list[int | str], str]:
+    """(input name, input dims, output name) of an ONNX file; symbolic dims as their names."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    return graph.input[0].name, dims, graph.output[0].name
+
+
+def check_onnx(backbone: str, path: Path) -> list[str]:
+    """Problems that would make ``path`` unservable as ``backbone``'s CPU variant (empty if none)."""
+    try:
+        name, dims, output = onnx_signature(path)
+    except Exception as exc:  # any parse failure means the file is not a usable ONNX model
+        return [f"{path}: not a readable ONNX model ({exc})"]
+    size = get_backbone(backbone).input_size
+    problems = []
+    if (name, output) != ("pixel_values", "logits"):
+        problems.append(f"{path}: tensors are {name!r} -> {output!r}, expected 'pixel_values' -> 'logits'")
+    if dims[1:] != [3, size, size] or isinstance(dims[0], int):
+        problems.append(
+            f"{path}: input shape {dims} but the repository serves {backbone} at [batch, 3, {size}, {size}] "
+            f"(a model trained at another resolution cannot be served by this repository)"
+        )
+    return problems
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
@@ -66,6 +93,9 @@ def assemble(
         raise AssembleError(
             "missing artifacts (train, calibrate and export first):\n  " + "\n  ".join(missing)
         )
+    problems = [p for b in BACKBONE_NAMES for p in check_onnx(b, artifacts / b / "model.onnx")]
+    if problems:
+        raise AssembleError("artifacts do not fit the model repository:\n  " + "\n  ".join(problems))
     Calibration.load(artifacts / "calibration.json")  # refuse a malformed file before serving it
     if out is not None:
         out = Path(out)

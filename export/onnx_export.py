@@ -68,11 +68,14 @@ def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
 def export_onnx(checkpoint: str | Path, out: str | Path, atol: float = DEFAULT_ATOL, batch: int = 3) -> OnnxExportReport:
     """Export ``checkpoint`` to ``out`` with a dynamic batch axis; fail if ORT and PyTorch disagree."""
     start = time.perf_counter()
-    spec, model, _ = load_checkpoint(checkpoint)
+    spec, model, payload = load_checkpoint(checkpoint)
+    # The resolution the model was trained at (reduced-resolution CPU runs differ from the spec);
+    # assembly refuses a model whose resolution differs from the repository's.
+    size = int((payload.get("config") or {}).get("input_size") or spec.input_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".onnx.tmp")
-    example = torch.zeros(2, 3, spec.input_size, spec.input_size)
+    example = torch.zeros(2, 3, size, size)
     # The TorchScript exporter: deterministic, fast on these CNNs, names tensors as asked. Its
     # deprecation notice is silenced here; the ORT comparison below is what vouches for the result.
     with warnings.catch_warnings():
@@ -89,7 +92,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, atol: float = DEFAULT_A
         )
     onnx.checker.check_model(str(tmp))
 
-    x = check_batch(spec.input_size, batch)  # a batch size unlike the export example: proves the dynamic axis
+    x = check_batch(size, batch)  # a batch size unlike the export example: proves the dynamic axis
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     got = ort_session(tmp).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
@@ -98,7 +101,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, atol: float = DEFAULT_A
     report = OnnxExportReport(
         backbone=spec.name,
         onnx_path=str(out),
-        input_size=spec.input_size,
+        input_size=size,
         opset=OPSET,
         check_batch=batch,
         max_abs_diff=max_diff,

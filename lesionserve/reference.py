@@ -40,15 +40,18 @@ class ReferencePipeline:
         views: int = 8,
         batch_size: int = 16,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        input_sizes: dict[str, int] | None = None,
     ) -> None:
         self.models = {name: model.eval() for name, model in models.items()}
         self.backbones = tuple(models)
+        # A model trained at a reduced resolution (CPU experiments) is evaluated at that resolution.
+        self.input_sizes = {b: (input_sizes or {}).get(b, get_backbone(b).input_size) for b in self.backbones}
         self.calibration = calibration
         self.weights = calibration.weight_vector(self.backbones)
         self.views = check_views(views)
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.sizes = tuple(sorted({get_backbone(b).input_size for b in self.backbones}))
+        self.sizes = tuple(sorted(set(self.input_sizes.values())))
 
     @classmethod
     def from_artifacts(
@@ -61,14 +64,15 @@ class ReferencePipeline:
     ) -> "ReferencePipeline":
         """Load ``<artifacts>/<backbone>/checkpoint.pt`` and (unless given) ``<artifacts>/calibration.json``."""
         artifacts = Path(artifacts)
-        models = {}
+        models, sizes = {}, {}
         for name in backbones:
-            spec, model, _ = load_checkpoint(artifacts / name / "checkpoint.pt")
+            spec, model, payload = load_checkpoint(artifacts / name / "checkpoint.pt")
             if spec.name != name:
                 raise ValueError(f"{artifacts / name / 'checkpoint.pt'} holds {spec.name}, expected {name}")
             models[name] = model
+            sizes[name] = int((payload.get("config") or {}).get("input_size") or spec.input_size)
         calibration = calibration or Calibration.load(artifacts / "calibration.json")
-        return cls(models, calibration, views=views, **kwargs)
+        return cls(models, calibration, views=views, input_sizes=sizes, **kwargs)
 
     @torch.inference_mode()
     def backbone_logits(self, name: str, views: np.ndarray) -> np.ndarray:
@@ -81,7 +85,7 @@ class ReferencePipeline:
         """Classify encoded images; raises ImageDecodeError naming the first bad index."""
         pixels = preprocess_batch(list(images), self.sizes, max_pixels=self.max_pixels)
         views = {size: make_views(batch, self.views) for size, batch in pixels.items()}
-        logits = [self.backbone_logits(b, views[get_backbone(b).input_size]) for b in self.backbones]
+        logits = [self.backbone_logits(b, views[self.input_sizes[b]]) for b in self.backbones]
         probs, backbone_probs = fuse(logits, self.weights, self.views)
         labels, fired = self.calibration.decide(probs)
         return PipelineOutput(probs, backbone_probs, [CLASS_NAMES[i] for i in labels], fired)

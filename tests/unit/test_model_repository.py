@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
 from google.protobuf import text_format
+from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2
 
 from export.assemble import DEFAULT_REPOSITORY, AssembleError, assemble, set_views
@@ -68,10 +70,22 @@ def test_tta_view_parameter_is_allowed_when_committed():
     assert int(load_config("tta").parameters["views"].string_value) in ALLOWED_VIEWS
 
 
+def tiny_onnx(path: Path, size: int, input_name: str = "pixel_values") -> bytes:
+    """A valid few-byte classifier ONNX: global average pool -> flatten -> 3x7 matmul."""
+    x = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", 3, size, size])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 7])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [3, 7], [0.1] * 21)
+    nodes = [helper.make_node("GlobalAveragePool", [input_name], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    model = helper.make_model(helper.make_graph(nodes, "tiny", [x], [y], [w]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path.read_bytes()
+
+
 def _fake_artifacts(root: Path) -> Path:
     for b in BACKBONE_NAMES:
-        (root / b).mkdir(parents=True)
-        (root / b / "model.onnx").write_bytes(b"onnx:" + b.encode())
+        tiny_onnx(root / b / "model.onnx", BACKBONES[b].input_size)
     Calibration.uniform().save(root / "calibration.json")
     return root
 
@@ -80,7 +94,7 @@ def test_assemble_copies_repository_and_artifacts_when_out_given(tmp_path):
     artifacts = _fake_artifacts(tmp_path / "art")
     repo = assemble(artifacts, out=tmp_path / "repo", views=2)
     for b in BACKBONE_NAMES:
-        assert (repo / b / "1" / "model.onnx").read_bytes() == b"onnx:" + b.encode()
+        assert (repo / b / "1" / "model.onnx").read_bytes() == (artifacts / b / "model.onnx").read_bytes()
     assert Calibration.load(repo / "threshold" / "1" / "calibration.json").weights == Calibration.uniform().weights
     assert load_config("tta", repo).parameters["views"].string_value == "2"
     assert load_config("tta").parameters["views"].string_value == "8"  # committed one untouched
@@ -94,6 +108,16 @@ def test_assemble_lists_every_missing_artifact_when_incomplete(tmp_path):
         assemble(artifacts, out=tmp_path / "repo")
     assert "densenet121/model.onnx" in str(info.value) and "calibration.json" in str(info.value)
     assert not (tmp_path / "repo").exists()  # nothing half-built
+
+
+def test_assemble_refuses_model_trained_at_other_resolution_when_sizes_differ(tmp_path):
+    artifacts = _fake_artifacts(tmp_path / "art")
+    tiny_onnx(artifacts / "efficientnet_b3" / "model.onnx", 160)
+    tiny_onnx(artifacts / "resnet50" / "model.onnx", 224, input_name="input.1")
+    with pytest.raises(AssembleError) as info:
+        assemble(artifacts, out=tmp_path / "repo")
+    assert "efficientnet_b3 at [batch, 3, 300, 300]" in str(info.value)
+    assert "'input.1' -> 'logits', expected 'pixel_values'" in str(info.value)
 
 
 def test_set_views_raises_when_count_not_allowed(tmp_path):
