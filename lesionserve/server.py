@@ -4,6 +4,7 @@ Used by the ``lesionserve serve`` command, the demo and the integration-test fix
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -17,10 +18,15 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lesionserve.spec import GPU_VARIANTS
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 #: Python backend shared memory per instance: the largest tensor crossing it is 64 views at 300x300.
 SHM_DEFAULT_BYTES = 32 * 1024 * 1024
 SHM_GROWTH_BYTES = 32 * 1024 * 1024
+#: CUDA memory pool on GPU 0 for GPU variants: python models hand GPU tensors to Triton through it, and
+#: the largest (tta's 64 views at 300x300, FP32) is 69 MB: Triton's 64 MB default is too small.
+CUDA_POOL_BYTES = 1024 * 1024 * 1024
 
 
 #: Log lines that mean a model will never load. Triton usually exits on them (--exit-on-error), but
@@ -76,6 +82,19 @@ def server_env() -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the launching process dies, even by SIGKILL.
+
+    The server gets its own session (so Ctrl-C reaches only us and we stop it in order), which
+    would otherwise let it outlive a killed launcher and keep its ports.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: fall back to stop() / the context manager
+        pass
 
 
 def free_port() -> int:
@@ -136,6 +155,8 @@ class TritonServer:
         ]
         if self.model_config_name:
             cmd.append(f"--model-config-name={self.model_config_name}")
+        if self.model_config_name in GPU_VARIANTS:
+            cmd.append(f"--cuda-memory-pool-byte-size=0:{CUDA_POOL_BYTES}")
         return cmd + self.extra_args
 
     def start(self) -> "TritonServer":
@@ -146,7 +167,12 @@ class TritonServer:
         log = open(self.log_path, "wb")
         # Own process group: Ctrl-C in a terminal reaches us, and we stop the server in order.
         self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=server_env(),
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         self._wait_ready()

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -54,3 +55,25 @@ def test_serve_command_exits_nonzero_with_error_when_repository_broken(artifacts
     )
     assert out.returncode == 1
     assert "fusion" in out.stderr and "error:" in out.stderr
+
+
+def test_server_exits_when_launcher_is_killed(artifacts, tmp_path):
+    repo = assemble(artifacts, out=tmp_path / "repo", views=1)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "lesionserve", "serve", "--repository", str(repo),
+         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    first = launcher.stdout.readline()
+    assert first.startswith("tritonserver ready"), first
+    url = first.split("HTTP ")[1].split(",")[0]
+    launcher.kill()  # SIGKILL: no chance to stop the server itself
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/v2/health/live", timeout=1)
+        except OSError:
+            return  # the server is gone
+        time.sleep(0.5)
+    pytest.fail(f"tritonserver at {url} still answers 30 s after its launcher was killed")
