@@ -48,6 +48,7 @@ def run_demo(args: argparse.Namespace) -> float:
         train({
             "backbone": backbone, "data": str(data.root), "out": str(out / backbone),
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+            "save_state": False,  # no resumable last.pt: the demo reruns from scratch anyway
         })
 
     stage(3, f"calibrating fusion weights and thresholds on validation TTA outputs (T={args.views})")

@@ -15,6 +15,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -88,22 +89,29 @@ def calibrate_thresholds(
     return thresholds, notes
 
 
-def calibrate(artifacts: str | Path, views: int = 8, rules: tuple[ThresholdRule, ...] = DEFAULT_RULES) -> Calibration:
+def calibrate(
+    artifacts: str | Path,
+    views: int = 8,
+    rules: tuple[ThresholdRule, ...] = DEFAULT_RULES,
+    backbones: Sequence[str] = BACKBONE_NAMES,
+) -> Calibration:
     """Compute and write ``<artifacts>/calibration.json`` from the backbones' validation data."""
     from lesionserve.reference import ReferencePipeline
     from training.data import validation_samples
 
     artifacts = Path(artifacts)
     baccs = {}
-    for name in BACKBONE_NAMES:
+    for name in backbones:
         metrics = json.loads((artifacts / name / "metrics.json").read_text())
         baccs[name] = float(metrics["val_balanced_accuracy"])
     weights = fusion_weights(baccs)
     # The backbones share one validation split (same data, fraction and seed); read it from the first.
-    config = json.loads((artifacts / BACKBONE_NAMES[0] / "config.json").read_text())
+    config = json.loads((artifacts / backbones[0] / "config.json").read_text())
     samples = validation_samples(config)
     # Thresholds are chosen on the fused outputs these weights produce, before any threshold exists.
-    pipeline = ReferencePipeline.from_artifacts(artifacts, views=views, calibration=Calibration(weights=weights))
+    pipeline = ReferencePipeline.from_artifacts(
+        artifacts, views=views, backbones=backbones, calibration=Calibration(weights=weights)
+    )
     chunks = [samples[i : i + CHUNK] for i in range(0, len(samples), CHUNK)]
     probs = np.concatenate([
         pipeline.run([Path(s.path).read_bytes() for s in chunk]).probs
@@ -132,12 +140,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", required=True, help="folder with <backbone>/{checkpoint.pt,metrics.json,config.json}")
     parser.add_argument("--views", type=int, default=8, choices=(1, 2, 4, 8), help="TTA views (default %(default)s)")
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONE_NAMES), choices=BACKBONE_NAMES,
+                        help="backbones to fuse (default: all three)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    c = calibrate(args.artifacts, views=args.views)
+    c = calibrate(args.artifacts, views=args.views, backbones=tuple(args.backbones))
     print("fusion weights: " + ", ".join(f"{k} {v:.3f}" for k, v in c.weights.items()))
     for name in c.threshold_order:
         print(f"threshold {name}: {c.thresholds[name]:.3f} ({c.meta['threshold_selection'][name]})")

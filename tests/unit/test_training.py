@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 from pathlib import Path
 
 import cv2
@@ -18,10 +20,14 @@ from training.data import (
     LesionDataset,
     Sample,
     augment_rgb,
+    load_dataset,
     load_isic_dir,
     stratified_split,
+    validation_samples,
 )
+import training.train
 from training.metrics import balanced_accuracy, confusion_matrix, per_class_recall
+from training.splits import load_or_create_splits
 from training.train import TrainConfig, main, train
 
 INPUT = "ISIC2018_Task3_Training_Input"
@@ -253,32 +259,42 @@ def test_train_cli_writes_reloadable_checkpoint_and_metrics_when_run_one_epoch(t
     data = make_isic(tmp_path / "data", [c for c in range(7) for _ in range(2)])  # 14 images
     out = tmp_path / "out" / "resnet50"
     argv = ["--backbone", "resnet50", "--data", str(data), "--out", str(out), "--epochs", "1",
-            "--batch-size", "8", "--input-size", "64", "--threads", "2", "--seed", "1"]
+            "--batch-size", "8", "--input-size", "64", "--threads", "1", "--seed", "1"]
     assert main(argv) == 0
 
     for name in ("checkpoint.pt", "config.json", "metrics.json"):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.tmp"))
 
+    for name in ("curves.png", "last.pt"):
+        assert (out / name).is_file(), name
+    assert (tmp_path / "out" / "splits.csv").is_file()  # shared by the backbones of one artifacts folder
+
     config = json.loads((out / "config.json").read_text())
     assert config["backbone"] == "resnet50" and config["input_size"] == 64 and config["native_input_size"] == 224
     assert config["class_names"] == list(CLASS_NAMES)
     assert config["data"] == str(data.resolve()) and config["seed"] == 1 and config["epochs"] == 1
+    assert config["splits"] == str((tmp_path / "out" / "splits.csv").resolve())
+    # The recipe's values for resnet50, untouched by the flags above.
+    assert (config["lr"], config["focal_gamma"], config["label_smoothing"], config["sampler"]) == (1e-4, 1.0, 0.1, "balanced")
+    assert "resolved config" in capsys.readouterr().err
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"best_epoch", "val_balanced_accuracy", "per_class_recall", "history"} <= set(metrics)
+    # 2 images (2 lesions) per class over 60/20/20: 1 train and 1 val per class, test stays empty.
     assert metrics["best_epoch"] == 1 and metrics["val_samples"] == 7 and metrics["train_samples"] == 7
     assert list(metrics["per_class_recall"]) == list(CLASS_NAMES)
     assert len(metrics["history"]) == 1
-    assert {"train_loss", "val_bacc", "seconds"} <= set(metrics["history"][0])
+    assert {"train_loss", "val_bacc", "val_loss", "lr", "seconds"} <= set(metrics["history"][0])
     assert 0.0 <= metrics["val_balanced_accuracy"] <= 1.0
     assert metrics["history"][0]["val_bacc"] == metrics["val_balanced_accuracy"]
 
     spec, model, payload = load_checkpoint(out / "checkpoint.pt")
     assert spec.name == "resnet50" and payload["config"] == config
     assert payload["metrics"]["val_balanced_accuracy"] == metrics["val_balanced_accuracy"]
-    # The reloaded weights reproduce the recorded validation score on the same split.
-    _, val_samples = stratified_split(load_isic_dir(data), config["val_fraction"], config["seed"])
+    # The reloaded weights reproduce the recorded validation score on the split calibration reads.
+    val_samples = validation_samples(config)
+    assert len(val_samples) == 7
     with torch.inference_mode():
         batch = torch.stack([LesionDataset(val_samples, 64, train=False)[i][0] for i in range(len(val_samples))])
         preds = model(batch).argmax(dim=1).numpy()
@@ -321,3 +337,147 @@ def test_recompute_bn_stats_sets_exact_feature_mean_when_batches_are_equal_sized
         features = model[0](x)
     torch.testing.assert_close(model[1].running_mean, features.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
     assert model[1].momentum == 0.1 and not model.training
+
+
+# ------------------------------------------------------------------------- the recipe, end to end (tiny)
+
+
+def _tiny_backbone(name: str) -> torch.nn.Module:
+    """timm's 0.4 M-parameter test ResNet (BatchNorm, ``fc`` head) in place of the real architecture."""
+    import timm
+
+    return timm.create_model("test_resnet", pretrained=False, num_classes=len(CLASS_NAMES))
+
+
+@pytest.fixture
+def tiny_backbone(monkeypatch):
+    """Train loops below check the loop's logic, not ResNet50: a small model keeps them fast on 2 CPUs."""
+    monkeypatch.setattr(training.train, "create_backbone", _tiny_backbone)
+
+
+def tiny(tmp_path: Path, data: Path, out: str = "runs/r50", **overrides) -> dict:
+    """A CPU-sized run of the real recipe: 32 px, 2 steps of 4 images, 1 precise-BN batch."""
+    return {"backbone": "resnet50", "data": str(data), "out": str(tmp_path / out), "splits": str(tmp_path / "splits.csv"),
+            "epochs": 2, "batch_size": 4, "input_size": 32, "threads": 1, "max_steps_per_epoch": 2,
+            "precise_bn_batches": 1, "lr": 1e-3, "device": "cpu", **overrides}
+
+
+def two_per_class(root: Path) -> Path:
+    return make_isic(root, [c for c in range(7) for _ in range(2)])
+
+
+def fake_val_bacc(monkeypatch, values: list[float]) -> None:
+    """Real validation, but the balanced accuracy the loop sees follows ``values`` epoch by epoch."""
+    real, scripted = training.train.validate, iter(values)
+
+    def validate(model, loader, rt):
+        return {**real(model, loader, rt), "balanced_accuracy": next(scripted)}
+
+    monkeypatch.setattr(training.train, "validate", validate)
+
+
+def test_train_resume_reaches_same_weights_when_split_into_one_plus_one_epochs(tmp_path, tiny_backbone):
+    data = two_per_class(tmp_path / "data")
+    straight = train(tiny(tmp_path, data, out="a/r50", epochs=2))
+    train(tiny(tmp_path, data, out="b/r50", epochs=1))
+    resumed = train(tiny(tmp_path, data, out="b/r50", epochs=2, resume=str(tmp_path / "b/r50/last.pt")))
+
+    a = torch.load(tmp_path / "a/r50/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b/r50/last.pt", weights_only=False)
+    assert a["progress"]["epoch"] == b["progress"]["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for key, value in a["optimizer"]["state"][0].items():  # Adam moments of the first parameter
+        assert torch.equal(value, b["optimizer"]["state"][0][key]), key
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    for field in ("train_loss", "val_loss", "val_bacc", "lr"):
+        assert [h[field] for h in resumed["history"]] == [h[field] for h in straight["history"]], field
+
+
+def test_train_refuses_resume_when_run_differs(tmp_path, tiny_backbone):
+    data = two_per_class(tmp_path / "data")
+    train(tiny(tmp_path, data, epochs=1))
+    with pytest.raises(ValueError, match="cannot resume .*input_size: 32 there, 48 here"):
+        train(tiny(tmp_path, data, epochs=2, input_size=48, resume=str(tmp_path / "runs/r50/last.pt")))
+
+
+def test_train_stops_early_when_val_bacc_stalls_for_patience_epochs(tmp_path, monkeypatch, tiny_backbone):
+    fake_val_bacc(monkeypatch, [0.3, 0.5, 0.4, 0.5, 0.45, 0.9, 0.9, 0.9])
+    metrics = train(tiny(tmp_path, two_per_class(tmp_path / "data"), epochs=8, early_stop_patience=3,
+                         max_steps_per_epoch=1))
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5]  # 3 epochs after the best (2), then stop
+    assert metrics["best_epoch"] == 2 and metrics["val_balanced_accuracy"] == 0.5  # a tie is no improvement
+    assert metrics["stop_reason"].startswith("early stop: no better val BACC for 3 epochs")
+    saved = json.loads((tmp_path / "runs/r50/metrics.json").read_text())
+    assert saved["stop_reason"] == metrics["stop_reason"] and saved["best_epoch"] == 2
+
+
+def test_train_halves_lr_when_val_bacc_stalls_past_plateau_patience(tmp_path, monkeypatch, tiny_backbone):
+    fake_val_bacc(monkeypatch, [0.5, 0.4, 0.4, 0.4])
+    metrics = train(tiny(tmp_path, two_per_class(tmp_path / "data"), epochs=4, plateau_patience=1,
+                         early_stop_patience=None, max_steps_per_epoch=1, save_state=False))
+    assert [h["lr"] for h in metrics["history"]] == [1e-3, 1e-3, 1e-3, 5e-4]
+    assert not (tmp_path / "runs/r50/last.pt").exists()  # save_state=False
+
+
+def test_train_follows_warmup_then_cosine_when_schedule_cosine(tmp_path, tiny_backbone):
+    # 2 steps/epoch x 3 epochs, 1 warmup epoch: per-step factors 0.5, 1 | 1, 0.854 | 0.5, 0.146
+    metrics = train(tiny(tmp_path, two_per_class(tmp_path / "data"), epochs=3, schedule="cosine", warmup_epochs=1))
+    lrs = [h["lr"] for h in metrics["history"]]  # the lr of each epoch's last step
+    assert lrs == pytest.approx([1e-3, 1e-3 * (1 + math.cos(math.pi / 4)) / 2, 1e-3 * (1 + math.cos(3 * math.pi / 4)) / 2])
+
+
+def test_train_starts_from_pretrained_file_and_reports_head_when_head_shape_differs(tmp_path, tiny_backbone):
+    import timm
+
+    imagenet = timm.create_model("test_resnet", pretrained=False, num_classes=1000)
+    torch.save({"state_dict": imagenet.state_dict()}, tmp_path / "in1k.pth")
+    data = two_per_class(tmp_path / "data")
+    metrics = train(tiny(tmp_path, data, epochs=1, pretrained=str(tmp_path / "in1k.pth")))
+    assert "loaded strictly from" in metrics["pretrained"] and "classifier head NOT loaded" in metrics["pretrained"]
+    assert "fc.weight [1000," in metrics["pretrained"]
+    broken = imagenet.state_dict()
+    broken.pop("conv1.0.weight")
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="do not match the model .*1 missing.*\n  missing: conv1.0.weight"):
+        train(tiny(tmp_path, data, out="b/r50", epochs=1, pretrained=str(tmp_path / "broken.pth")))
+
+
+def test_train_never_reads_test_images_when_split_has_test_part(tmp_path, tiny_backbone):
+    data = make_isic(tmp_path / "data", [c for c in range(7) for _ in range(5)])
+    splits = load_or_create_splits(tmp_path / "splits.csv", load_dataset(data), val_fraction=0.2, test_fraction=0.2)
+    assert len(splits["test"]) == 7
+    for sample in splits["test"]:
+        sample.path.write_bytes(b"not an image")  # reading one would raise ImageDecodeError
+    metrics = train(tiny(tmp_path, data, epochs=1, precise_bn_batches=50))
+    assert metrics["test_samples"] == 7 and metrics["train_samples"] == 21 and metrics["val_samples"] == 7
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, config: dict, results: str) -> None:
+    # What torchrun sets for each process.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    training.train.create_backbone = _tiny_backbone  # a fresh process: the fixture's patch does not reach it
+    metrics = train(config)
+    Path(results, f"rank{rank}.json").write_text(json.dumps(metrics))
+
+
+def test_train_ddp_shares_draws_and_validation_when_two_gloo_processes(tmp_path):
+    data = two_per_class(tmp_path / "data")  # 7 train images: 4 draws per rank (padded to 8), 7 val images
+    config = tiny(tmp_path, data, epochs=1, threads=1, max_steps_per_epoch=None)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), config, str(tmp_path)), nprocs=2, join=True)
+
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["history"][0]["train_images"] == 8  # summed over both processes
+    assert sum(map(sum, rank0["confusion_matrix"])) == 7  # each process scored its half of val
+    for field in ("train_loss", "val_loss", "val_bacc"):
+        assert rank0["history"][0][field] == rank1["history"][0][field], field
+    out = Path(config["out"])
+    assert {p.name for p in out.iterdir()} == {"checkpoint.pt", "config.json", "metrics.json", "curves.png", "last.pt"}
+    assert json.loads((out / "metrics.json").read_text())["history"][0]["train_images"] == 8
