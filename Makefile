@@ -31,4 +31,4 @@ lock:
 	$(PY) -m pip freeze --exclude-editable > requirements.lock
 
 clean:
-	rm -rf runs model_repository/*/1/model.onnx model_repository/*/1/calibration.json
+	rm -rf runs model_repository/*/1/model.onnx model_repository/*/1/calibration.json model_repository/*/1/checkpoint.pt model_repository/*/1/model.plan model_repository/*/1/model.plan.json

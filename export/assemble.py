@@ -2,10 +2,13 @@
 
     python -m export.assemble --artifacts runs/demo                      # into ./model_repository
     python -m export.assemble --artifacts runs/demo --out /tmp/repo --views 1
+    python -m export.assemble --artifacts runs/demo --checkpoints        # also for the gpu_torch variant
 
 The committed ``model_repository/`` holds configs and code exactly as served; this step adds the
-generated, git-ignored files (``<backbone>/1/model.onnx``, ``fusion|threshold/1/calibration.json``).
+generated, git-ignored files (``<backbone>/1/model.onnx``, ``fusion|threshold/1/calibration.json``,
+and with ``--checkpoints`` ``<backbone>/1/checkpoint.pt``, which the gpu_torch variant serves).
 With ``--out`` the committed repository is first copied there (for variants such as another view count).
+TensorRT plans are not placed here: ``python -m export.tensorrt`` builds them on the serving GPU.
 """
 from __future__ import annotations
 
@@ -28,10 +31,12 @@ class AssembleError(RuntimeError):
     """Artifacts are missing or invalid; the message lists every problem found."""
 
 
-def artifact_files(artifacts: Path) -> dict[Path, list[str]]:
+def artifact_files(artifacts: Path, checkpoints: bool = False) -> dict[Path, list[str]]:
     """Source file -> destination paths (relative to the repository) for one artifacts folder."""
     files = {artifacts / b / "model.onnx": [f"{b}/1/model.onnx"] for b in BACKBONE_NAMES}
     files[artifacts / "calibration.json"] = [f"{m}/1/calibration.json" for m in CALIBRATED_MODELS]
+    if checkpoints:
+        files.update({artifacts / b / "checkpoint.pt": [f"{b}/1/checkpoint.pt"] for b in BACKBONE_NAMES})
     return files
 
 
@@ -68,15 +73,16 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 
 
 def set_views(repository: Path, views: int) -> None:
-    """Rewrite the ``views`` parameter of ``tta/config.pbtxt`` (use on a copy, not the committed one)."""
+    """Rewrite the ``views`` parameter of every tta config, CPU and GPU variants alike (use on a copy,
+    not the committed repository)."""
     check_views(views)
-    path = repository / "tta" / "config.pbtxt"
-    text, n = re.subn(
-        r'(key: "views" value: \{ string_value: ")\d+(")', rf"\g<1>{views}\g<2>", path.read_text()
-    )
-    if n != 1:
-        raise AssembleError(f"{path}: expected exactly one 'views' parameter, found {n}")
-    path.write_text(text)
+    for path in [repository / "tta" / "config.pbtxt", *sorted((repository / "tta" / "configs").glob("*.pbtxt"))]:
+        text, n = re.subn(
+            r'(key: "views" value: \{ string_value: ")\d+(")', rf"\g<1>{views}\g<2>", path.read_text()
+        )
+        if n != 1:
+            raise AssembleError(f"{path}: expected exactly one 'views' parameter, found {n}")
+        path.write_text(text)
 
 
 def assemble(
@@ -84,10 +90,14 @@ def assemble(
     repository: str | Path = DEFAULT_REPOSITORY,
     out: str | Path | None = None,
     views: int | None = None,
+    checkpoints: bool = False,
 ) -> Path:
-    """Place the artifacts into ``repository`` (or into a copy of it at ``out``); return the served path."""
+    """Place the artifacts into ``repository`` (or into a copy of it at ``out``); return the served path.
+
+    ``checkpoints`` also places each backbone's checkpoint.pt (needed by the gpu_torch variant only).
+    """
     artifacts, repository = Path(artifacts), Path(repository)
-    files = artifact_files(artifacts)
+    files = artifact_files(artifacts, checkpoints)
     missing = [str(src) for src in files if not src.is_file()]
     if missing:
         raise AssembleError(
@@ -101,7 +111,7 @@ def assemble(
         out = Path(out)
         if out.exists():
             shutil.rmtree(out)
-        shutil.copytree(repository, out, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "*.plan", "calibration.json"))
+        shutil.copytree(repository, out, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "*.plan", "*.plan.json", "*.pt", "*.tmp", "calibration.json"))
         repository = out
     if views is not None:
         if out is None:
@@ -119,12 +129,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="committed repository (default %(default)s)")
     parser.add_argument("--out", help="assemble into a copy at this path instead of in place")
     parser.add_argument("--views", type=int, help="TTA view count for the copy: 1, 2, 4 or 8")
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="also place <backbone>/checkpoint.pt (the gpu_torch variant serves them)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    path = assemble(args.artifacts, args.repository, args.out, args.views)
+    path = assemble(args.artifacts, args.repository, args.out, args.views, args.checkpoints)
     print(f"model repository ready: {path}")
     return 0
 

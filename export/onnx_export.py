@@ -13,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
+from export.checks import check_batch, ort_session
 from lesionserve.models import load_checkpoint
-from lesionserve.preprocessing import preprocess_rgb
-from lesionserve.spec import CLASS_NAMES
+from lesionserve.spec import BACKBONE_INPUT, BACKBONE_OUTPUT
 
-INPUT_NAME = "pixel_values"
-OUTPUT_NAME = "logits"
+INPUT_NAME = BACKBONE_INPUT
+OUTPUT_NAME = BACKBONE_OUTPUT
 #: Largest |ORT - PyTorch| allowed on logits (FP32 on CPU typically agrees to ~1e-5).
 DEFAULT_ATOL = 1e-3
 OPSET = 17
@@ -42,27 +41,6 @@ class OnnxExportReport:
     atol: float
     argmax_agreement: float
     seconds: float
-
-
-def check_batch(input_size: int, batch: int = 3, seed: int = 0) -> np.ndarray:
-    """Synthetic lesions through the shared preprocessing: inputs like the ones served.
-
-    Uniform noise is no good here: trained networks map it to logits in the thousands, where
-    float32 summation order alone moves logits by tens and the comparison says nothing.
-    """
-    from training.synthetic import render_lesion
-
-    rng = np.random.default_rng(seed)
-    images = [render_lesion(CLASS_NAMES[i % len(CLASS_NAMES)], rng, (600, 450)) for i in range(batch)]
-    return np.stack([preprocess_rgb(image, input_size) for image in images])
-
-
-def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
-    """CPU ONNX Runtime session; ``threads`` = 0 lets ORT decide."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, atol: float = DEFAULT_ATOL, batch: int = 3) -> OnnxExportReport:

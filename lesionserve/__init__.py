@@ -1,4 +1,5 @@
 """LesionServe core: the pieces shared by training, export, serving and the reference pipeline.
 
-Everything here is plain numpy/OpenCV so the Triton python models can import it without torch.
+What the CPU Triton python models import is plain numpy/OpenCV (torch is imported only where a
+GPU variant or the reference pipeline asks for it: arrays.py does so lazily, on a torch tensor).
 """

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lesionserve.arrays import array_ops
 from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
 
 
@@ -19,9 +20,12 @@ class CalibrationError(ValueError):
     """The calibration file is missing, malformed or inconsistent with the pipeline."""
 
 
-def exceeds(probability: np.ndarray | float, threshold: float) -> np.ndarray | bool:
-    """THE comparison used for thresholds, in calibration and in decisions alike: strictly greater."""
-    return np.greater(probability, threshold)
+def exceeds(probability: Any, threshold: float) -> Any:
+    """THE comparison used for thresholds, in calibration and in decisions alike: strictly greater.
+
+    numpy arrays and floats give numpy booleans; torch tensors give a bool tensor on their device.
+    """
+    return array_ops(probability).greater(probability, threshold)
 
 
 @dataclass(frozen=True)
@@ -63,18 +67,20 @@ class Calibration:
         w = np.asarray([self.weights[b] for b in backbones], dtype=np.float64)
         return (w / w.sum()).astype(np.float32)
 
-    def decide(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Apply the decision rule to N x C fused probabilities.
+    def decide(self, probs: Any) -> tuple[Any, Any]:
+        """Apply the decision rule to N x C fused probabilities (numpy array or torch tensor).
 
-        Returns (label indices N, fired N x C bool: which class thresholds fired per image).
+        Returns (label indices N int64, fired N x C bool: which class thresholds fired per image),
+        of the same kind as ``probs`` and on its device.
         """
-        labels = probs.argmax(axis=1)
-        fired = np.zeros(probs.shape, dtype=bool)
+        xp = array_ops(probs)
+        labels = xp.argmax(probs, axis=1)
+        fired = xp.zeros(probs.shape, "bool", like=probs)
         for name in self.threshold_order:
             c = CLASS_NAMES.index(name)
             fired[:, c] = exceeds(probs[:, c], self.thresholds[name])
-            labels = np.where(fired[:, c], c, labels)
-        return labels.astype(np.int64), fired
+            labels = xp.where(fired[:, c], c, labels)
+        return xp.astype(labels, "int64"), fired
 
     def to_json(self) -> dict:
         return {

@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 
 from lesionserve.server import PROJECT_ROOT, ServerStartError, TritonServer
+from lesionserve.spec import GPU_VARIANTS, get_variant
+
+#: Backends of the tritonserver in the nvidia-pytriton wheel (see server.backend_dir).
+BUNDLED_BACKENDS = ("python",)
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +24,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port, 0 = any free port (default %(default)s)")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP port, 0 = any free port (default %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default %(default)s)")
-    parser.add_argument("--model-config-name", help="use configs/<NAME>.pbtxt where a model has one (e.g. gpu)")
+    parser.add_argument("--model-config-name", metavar="NAME",
+                        help="serve a GPU variant: configs/<NAME>.pbtxt where a model has one "
+                             f"({', '.join(GPU_VARIANTS)}); this bundled Triton runs gpu_torch (python backend only)")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness (default %(default)s)")
 
 
@@ -36,11 +42,33 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
     )
 
 
+def variant_problem(name: str | None) -> str | None:
+    """Why the bundled tritonserver cannot serve variant ``name`` (None: it can)."""
+    if name is None:
+        return None
+    try:
+        variant = get_variant(name)
+    except ValueError as exc:
+        return str(exc)
+    missing = [b for b in variant.triton_backends if b not in BUNDLED_BACKENDS]
+    if missing:
+        return (
+            f"variant {name} needs Triton's {' and '.join(missing)} backend, which the tritonserver bundled in "
+            f"nvidia-pytriton lacks: serve it with docker compose (README, 'Deploying on a GPU host')"
+        )
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    problem = variant_problem(args.model_config_name)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.artifacts:
         from export.assemble import assemble
 
-        assemble(args.artifacts, args.repository)
+        checkpoints = bool(args.model_config_name) and get_variant(args.model_config_name).needs_checkpoints
+        assemble(args.artifacts, args.repository, checkpoints=checkpoints)
         print(f"assembled {args.artifacts} into {args.repository}")
     server = server_from_args(args)
     # Ctrl-C and SIGTERM (kill, container stop) both stop the server cleanly, even where the shell

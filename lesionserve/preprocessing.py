@@ -6,11 +6,12 @@ these functions, so the three cannot drift apart.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import cv2
 import numpy as np
 
+from lesionserve.arrays import array_ops
 from lesionserve.spec import IMAGENET_MEAN, IMAGENET_STD
 
 #: Largest decoded image accepted (pixels). Larger headers are refused before decoding.
@@ -84,10 +85,17 @@ def resize(rgb: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=interpolation)
 
 
-def normalize(rgb: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 RGB -> 3xHxW float32 with ImageNet mean/std."""
-    chw = rgb.astype(np.float32).transpose(2, 0, 1)
-    return (chw - _MEAN[:, None, None]) * _INV_STD[:, None, None]
+def normalize(rgb: Any) -> Any:
+    """... x H x W x 3 uint8 RGB -> ... x 3 x H x W float32 with ImageNet mean/std.
+
+    A numpy array stays on the host; a torch tensor is normalised on its own device (the GPU
+    variants send uint8 pixels to the GPU, a quarter of the float32 bytes, and normalise there).
+    """
+    xp = array_ops(rgb)
+    chw = xp.moveaxis(xp.astype(rgb, "float32"), -1, -3)
+    mean = xp.asarray(_MEAN, "float32", like=rgb)[:, None, None]
+    inv_std = xp.asarray(_INV_STD, "float32", like=rgb)[:, None, None]
+    return (chw - mean) * inv_std
 
 
 def preprocess_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -103,10 +111,10 @@ def preprocess_bytes(
     return {size: preprocess_rgb(rgb, size) for size in sizes}
 
 
-def preprocess_batch(
+def resize_batch(
     images: list[bytes], sizes: Iterable[int], max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> dict[int, np.ndarray]:
-    """Preprocess a batch of encoded images into one N x 3 x S x S array per size.
+    """Decode each image once and resize it once per size: one N x S x S x 3 uint8 array per size.
 
     Raises ImageDecodeError naming the index of the first image that cannot be decoded.
     """
@@ -114,7 +122,25 @@ def preprocess_batch(
     per_image = []
     for index, data in enumerate(images):
         try:
-            per_image.append(preprocess_bytes(data, sizes, max_pixels=max_pixels))
+            rgb = decode_image(data, max_pixels=max_pixels)
         except ImageDecodeError as exc:
             raise ImageDecodeError(f"undecodable image at index {index}: {exc}") from None
+        per_image.append({size: resize(rgb, size) for size in sizes})
     return {size: np.stack([p[size] for p in per_image]) for size in sizes}
+
+
+def preprocess_batch(
+    images: list[bytes], sizes: Iterable[int], max_pixels: int = DEFAULT_MAX_PIXELS, device: str | None = None
+) -> dict[int, Any]:
+    """Preprocess a batch of encoded images into one N x 3 x S x S float32 array per size.
+
+    ``device`` None: numpy on the host. ``device="cuda:0"``: decoding and resizing stay on the CPU
+    (OpenCV), the uint8 pixels are copied to the device and normalised there (torch tensors).
+    Raises ImageDecodeError naming the index of the first image that cannot be decoded.
+    """
+    resized = resize_batch(images, sizes, max_pixels=max_pixels)
+    if device is not None:
+        from lesionserve.arrays import to_torch
+
+        resized = {size: to_torch(batch, device) for size, batch in resized.items()}
+    return {size: array_ops(batch).contiguous(normalize(batch)) for size, batch in resized.items()}

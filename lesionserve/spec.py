@@ -62,3 +62,50 @@ def check_views(views: int) -> int:
     if views not in ALLOWED_VIEWS:
         raise ValueError(f"views must be one of {ALLOWED_VIEWS}, got {views!r}")
     return views
+
+
+#: Tensor names of every backbone, in ONNX files, TensorRT engines and configs alike.
+BACKBONE_INPUT = "pixel_values"
+BACKBONE_OUTPUT = "logits"
+#: Images per ensemble request (``lesion_ensemble`` and ``preprocess`` max_batch_size).
+ENSEMBLE_MAX_BATCH = 8
+#: Rows one backbone batch must hold: a whole request's fan-out (images x the largest view count).
+#: The backbone configs' max_batch_size and the TensorRT profiles' max batch are this number.
+BACKBONE_MAX_BATCH = ENSEMBLE_MAX_BATCH * max(ALLOWED_VIEWS)
+
+
+@dataclass(frozen=True)
+class ServingVariant:
+    """A GPU variant of the model repository, chosen with ``--model-config-name=<name>``.
+
+    Models holding ``configs/<name>.pbtxt`` use it; the CPU variant is every ``config.pbtxt``.
+    """
+
+    name: str
+    backbones: str
+    triton_backends: tuple[str, ...]
+    needs_tensorrt_engines: bool = False
+    needs_checkpoints: bool = False
+
+
+#: The GPU variants; in each, the python steps (preprocess, tta, fusion, threshold) run their tensor
+#: work on the GPU (torch tensors exchanged through DLPack).
+GPU_VARIANTS: dict[str, ServingVariant] = {
+    v.name: v
+    for v in (
+        ServingVariant("gpu", "TensorRT FP16 engines (tensorrt_plan, <backbone>/1/model.plan)",
+                       ("tensorrt", "python"), needs_tensorrt_engines=True),
+        ServingVariant("gpu_ort", "Triton's onnxruntime backend, TensorRT execution provider in FP16 (model.onnx)",
+                       ("onnxruntime", "python")),
+        ServingVariant("gpu_torch", "PyTorch FP16 with CUDA graphs in the python backend (<backbone>/1/checkpoint.pt)",
+                       ("python",), needs_checkpoints=True),
+    )
+}
+
+
+def get_variant(name: str) -> ServingVariant:
+    """The GPU variant called ``name``, or a ValueError listing the valid names."""
+    try:
+        return GPU_VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(GPU_VARIANTS)}") from None

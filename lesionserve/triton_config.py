@@ -38,3 +38,47 @@ def square_size(dims: list[int] | list[str]) -> int:
     if len(d) < 3 or d[-3] != 3 or d[-1] != d[-2]:
         raise ValueError(f"expected dims ending in [3, S, S], got {d}")
     return d[-1]
+
+
+#: Backbone implementations a python-backend backbone config may ask for with ``parameters { runtime }``.
+BACKBONE_RUNTIMES = ("onnxruntime", "torch")
+
+
+def device_for(args: dict[str, str]) -> str | None:
+    """Where a python model instance does its tensor work: ``"cuda:<id>"`` for a KIND_GPU instance,
+    None (numpy on the host) for KIND_CPU. The variant's instance_group decides; nothing else."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{int(args.get('model_instance_device_id') or 0)}"
+    return None
+
+
+def flag(config: dict[str, Any], key: str, default: bool) -> bool:
+    """A boolean parameter ("true"/"false", "1"/"0", "yes"/"no"); anything else is a broken config."""
+    value = parameter(config, key, "true" if default else "false").strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise ValueError(f"model {config.get('name')!r}: parameter {key!r} must be true or false, got {value!r}")
+
+
+def backbone_runtime(config: dict[str, Any]) -> str:
+    """The ``runtime`` parameter of a python backbone config (default onnxruntime), validated."""
+    runtime = parameter(config, "runtime", "onnxruntime")
+    if runtime not in BACKBONE_RUNTIMES:
+        raise ValueError(
+            f"model {config.get('name')!r}: runtime {runtime!r} is not one of {', '.join(BACKBONE_RUNTIMES)}"
+        )
+    return runtime
+
+
+def batch_buckets(config: dict[str, Any]) -> tuple[int, ...]:
+    """Batch sizes to capture CUDA graphs for: the dynamic batcher's preferred sizes plus max_batch_size.
+
+    A batch of n rows runs in the smallest bucket >= n, so these sizes cover every batch Triton forms.
+    """
+    max_batch = int(config.get("max_batch_size") or 0)
+    if max_batch <= 0:
+        raise ValueError(f"model {config.get('name')!r}: CUDA graph buckets need max_batch_size > 0")
+    preferred = (config.get("dynamic_batching") or {}).get("preferred_batch_size") or []
+    return tuple(sorted({int(b) for b in preferred if 0 < int(b) <= max_batch} | {max_batch}))

@@ -11,7 +11,7 @@ from tritonclient.grpc import model_config_pb2
 
 from export.assemble import DEFAULT_REPOSITORY, AssembleError, assemble, set_views
 from lesionserve.calibration import Calibration
-from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_NAMES, BACKBONES, CLASS_NAMES, NUM_CLASSES, input_sizes
+from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_NAMES, BACKBONES, CLASS_NAMES, GPU_VARIANTS, NUM_CLASSES, input_sizes
 from lesionserve.triton_config import square_size
 
 MODELS = ("preprocess", "tta", *BACKBONE_NAMES, "fusion", "threshold", "lesion_ensemble")
@@ -97,7 +97,21 @@ def test_assemble_copies_repository_and_artifacts_when_out_given(tmp_path):
         assert (repo / b / "1" / "model.onnx").read_bytes() == (artifacts / b / "model.onnx").read_bytes()
     assert Calibration.load(repo / "threshold" / "1" / "calibration.json").weights == Calibration.uniform().weights
     assert load_config("tta", repo).parameters["views"].string_value == "2"
+    for variant in GPU_VARIANTS:  # the GPU variants' tta serves the same T
+        assert load_config("tta", repo, variant).parameters["views"].string_value == "2"
     assert load_config("tta").parameters["views"].string_value == "8"  # committed one untouched
+    assert not any(repo.rglob("checkpoint.pt"))  # only gpu_torch needs them, and only when asked
+
+
+def test_assemble_places_checkpoints_when_asked_and_lists_missing_ones(tmp_path):
+    artifacts = _fake_artifacts(tmp_path / "art")
+    with pytest.raises(AssembleError, match="resnet50/checkpoint.pt"):
+        assemble(artifacts, out=tmp_path / "repo", checkpoints=True)
+    for b in BACKBONE_NAMES:
+        (artifacts / b / "checkpoint.pt").write_bytes(f"weights of {b}".encode())
+    repo = assemble(artifacts, out=tmp_path / "repo", checkpoints=True)
+    for b in BACKBONE_NAMES:
+        assert (repo / b / "1" / "checkpoint.pt").read_bytes() == f"weights of {b}".encode()
 
 
 def test_assemble_lists_every_missing_artifact_when_incomplete(tmp_path):

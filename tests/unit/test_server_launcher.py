@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from lesionserve.server import PROJECT_ROOT, ServerStartError, TritonServer, backend_dir, server_env
+from lesionserve.cli import main as cli_main
+from lesionserve.cli import variant_problem
+from lesionserve.server import CUDA_POOL_BYTES, PROJECT_ROOT, ServerStartError, TritonServer, backend_dir, server_env
 
 
 def test_server_command_binds_loopback_and_disables_model_control_when_defaults(tmp_path):
@@ -19,6 +21,25 @@ def test_server_command_binds_loopback_and_disables_model_control_when_defaults(
 def test_server_command_selects_variant_when_model_config_name_given(tmp_path):
     cmd = TritonServer(tmp_path, model_config_name="gpu").command()
     assert "--model-config-name=gpu" in cmd
+
+
+def test_server_command_sizes_cuda_pool_only_when_variant_is_gpu(tmp_path):
+    # Python steps hand GPU tensors to Triton through its CUDA pool; the CPU command stays as it was.
+    gpu = TritonServer(tmp_path, model_config_name="gpu_torch").command()
+    assert f"--cuda-memory-pool-byte-size=0:{CUDA_POOL_BYTES}" in gpu and CUDA_POOL_BYTES >= 69_120_000
+    assert not any("cuda-memory-pool" in a for a in TritonServer(tmp_path).command())
+
+
+def test_variant_problem_refuses_variants_needing_backends_the_bundled_server_lacks():
+    assert variant_problem(None) is None and variant_problem("gpu_torch") is None
+    assert "needs Triton's tensorrt backend" in variant_problem("gpu")
+    assert "needs Triton's onnxruntime backend" in variant_problem("gpu_ort")
+    assert "choose one of gpu, gpu_ort, gpu_torch" in variant_problem("tpu")
+
+
+def test_serve_exits_2_before_starting_anything_when_variant_unservable(tmp_path, capsys):
+    assert cli_main(["serve", "--repository", str(tmp_path / "none"), "--model-config-name", "gpu"]) == 2
+    assert "docker compose" in capsys.readouterr().err
 
 
 def test_server_picks_distinct_free_ports_when_ports_are_zero(tmp_path):

@@ -1,9 +1,13 @@
-"""Triton python model: encoded images -> normalised pixel tensors, one per output resolution."""
-import numpy as np
+"""Triton python model: encoded images -> normalised pixel tensors, one per output resolution.
+
+KIND_CPU (config.pbtxt): numpy on the host. KIND_GPU (configs/gpu*.pbtxt): decode and resize on the
+CPU, normalise on the GPU, outputs stay on the GPU for tta.
+"""
 import triton_python_backend_utils as pb_utils
 
 from lesionserve.preprocessing import ImageDecodeError, preprocess_batch
-from lesionserve.triton_config import parameter, parse_args_config, square_size
+from lesionserve.triton_config import device_for, parameter, parse_args_config, square_size
+from lesionserve.triton_models.tensors import synchronize, write
 
 
 class TritonPythonModel:
@@ -12,6 +16,7 @@ class TritonPythonModel:
         # Output name -> side length, read from the config so resolutions are declared in one place.
         self.outputs = {o["name"]: square_size(o["dims"]) for o in config["output"]}
         self.max_pixels = int(parameter(config, "max_pixels"))
+        self.device = device_for(args)
 
     def execute(self, requests):
         responses = []
@@ -19,11 +24,12 @@ class TritonPythonModel:
         for request in requests:
             blobs = pb_utils.get_input_tensor_by_name(request, "raw_image").as_numpy().reshape(-1)
             try:
-                batch = preprocess_batch([bytes(b) for b in blobs], sizes, max_pixels=self.max_pixels)
+                batch = preprocess_batch([bytes(b) for b in blobs], sizes, self.max_pixels, self.device)
             except ImageDecodeError as exc:  # the caller's bad input: fail this request only
                 error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
-            tensors = [pb_utils.Tensor(name, batch[size]) for name, size in self.outputs.items()]
+            tensors = [write(name, batch[size]) for name, size in self.outputs.items()]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        synchronize(self.device)
         return responses

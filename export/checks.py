@@ -1,0 +1,40 @@
+"""What the export stages check their output against: served-like inputs and the ONNX Runtime reference.
+
+No torch here: the TensorRT engine builder runs in NVIDIA's TensorRT image, which has no PyTorch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lesionserve.preprocessing import preprocess_rgb
+from lesionserve.spec import CLASS_NAMES
+
+
+def check_batch(input_size: int, batch: int = 3, seed: int = 0) -> np.ndarray:
+    """Synthetic lesions through the shared preprocessing: inputs like the ones served.
+
+    Uniform noise is no good here: trained networks map it to logits in the thousands, where
+    float32 summation order alone moves logits by tens and the comparison says nothing.
+    """
+    from training.synthetic import render_lesion
+
+    rng = np.random.default_rng(seed)
+    images = [render_lesion(CLASS_NAMES[i % len(CLASS_NAMES)], rng, (600, 450)) for i in range(batch)]
+    return np.stack([preprocess_rgb(image, input_size) for image in images])
+
+
+def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
+    """CPU ONNX Runtime session; ``threads`` = 0 lets ORT decide."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(session: ort.InferenceSession, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Logits of ``x`` in batches of at most ``batch`` rows (bounded memory for large check sets)."""
+    name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
+    return np.concatenate([session.run([name_out], {name_in: x[i : i + batch]})[0] for i in range(0, len(x), batch)])

@@ -1,0 +1,79 @@
+"""Agreement between a reference and a faster implementation: argmax agreement and probability gap.
+
+Used by the TensorRT engine check (engine vs ONNX Runtime) and the GPU proofs (GPU variant vs the
+CPU reference pipeline). Plain numpy.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from lesionserve.fusion import softmax
+
+#: The issue's target for FP16 engines: at least 99.5 % same top class ...
+DEFAULT_MIN_AGREEMENT = 0.995
+#: ... and no class probability more than 0.01 away.
+DEFAULT_MAX_PROB_DIFF = 1e-2
+
+
+class ParityError(AssertionError):
+    """A candidate disagrees with its reference beyond the stated tolerance."""
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    rows: int
+    argmax_agreement: float
+    max_prob_diff: float
+    min_agreement: float
+    max_prob_tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.argmax_agreement >= self.min_agreement and self.max_prob_diff <= self.max_prob_tolerance
+
+    def summary(self) -> str:
+        verdict = "ok" if self.passed else "FAILED"
+        return (
+            f"argmax agreement {self.argmax_agreement:.2%} (>= {self.min_agreement:.1%}), "
+            f"max |prob diff| {self.max_prob_diff:.2e} (<= {self.max_prob_tolerance:.0e}) over {self.rows} rows: {verdict}"
+        )
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+    def check(self, what: str) -> "ParityReport":
+        """Return self, or raise ParityError naming ``what`` when outside tolerance."""
+        if not self.passed:
+            raise ParityError(f"{what}: {self.summary()}")
+        return self
+
+
+def compare_probabilities(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    max_prob_diff: float = DEFAULT_MAX_PROB_DIFF,
+) -> ParityReport:
+    """Compare two N x C probability arrays row by row."""
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    if reference.shape != candidate.shape or reference.ndim != 2 or len(reference) == 0:
+        raise ValueError(f"expected two equal non-empty N x C arrays, got {reference.shape} and {candidate.shape}")
+    return ParityReport(
+        rows=len(reference),
+        argmax_agreement=float((reference.argmax(1) == candidate.argmax(1)).mean()),
+        max_prob_diff=float(np.abs(reference - candidate).max()),
+        min_agreement=min_agreement,
+        max_prob_tolerance=max_prob_diff,
+    )
+
+
+def compare_logits(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    max_prob_diff: float = DEFAULT_MAX_PROB_DIFF,
+) -> ParityReport:
+    """Compare two N x C logit arrays through their softmax probabilities."""
+    return compare_probabilities(softmax(np.asarray(reference)), softmax(np.asarray(candidate)), min_agreement, max_prob_diff)
