@@ -24,7 +24,7 @@ class TritonPythonModel:
         path = version_dir(args) / parameter(config, "onnx_file", "model.onnx")
         if not path.is_file():
             raise pb_utils.TritonModelException(
-                f"model {config['name']!r}: {path} not found; run `lesionserve assemble` to copy exported weights"
+                f"model {config['name']!r}: {path} not found; copy exported weights in with `python -m export.assemble --artifacts DIR`"
             )
         self.session = make_session(str(path), int(parameter(config, "intra_op_threads", "1")))
         self.input_name = config["input"][0]["name"]

@@ -16,6 +16,12 @@ from lesionserve.server import ServerStartError, TritonServer
 pytestmark = pytest.mark.integration
 
 
+def serve_command(repo) -> list[str]:
+    """`lesionserve serve` on ``repo`` with free ports."""
+    return [sys.executable, "-m", "lesionserve", "serve", "--repository", str(repo),
+            "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+
+
 def test_server_start_fails_fast_with_model_error_when_weights_missing(artifacts, tmp_path):
     repo = assemble(artifacts, out=tmp_path / "repo", views=1)
     (repo / "densenet121" / "1" / "model.onnx").unlink()
@@ -29,8 +35,7 @@ def test_server_start_fails_fast_with_model_error_when_weights_missing(artifacts
 def test_serve_command_stops_cleanly_when_interrupted(artifacts, tmp_path):
     repo = assemble(artifacts, out=tmp_path / "repo", views=1)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lesionserve", "serve", "--repository", str(repo),
-         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"],
+        serve_command(repo),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -49,8 +54,7 @@ def test_serve_command_exits_nonzero_with_error_when_repository_broken(artifacts
     shutil.rmtree(repo / "fusion" / "1")
     (repo / "fusion" / "1").mkdir()
     out = subprocess.run(
-        [sys.executable, "-m", "lesionserve", "serve", "--repository", str(repo),
-         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"],
+        serve_command(repo),
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 1
@@ -60,8 +64,7 @@ def test_serve_command_exits_nonzero_with_error_when_repository_broken(artifacts
 def test_server_exits_when_launcher_is_killed(artifacts, tmp_path):
     repo = assemble(artifacts, out=tmp_path / "repo", views=1)
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "lesionserve", "serve", "--repository", str(repo),
-         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"],
+        serve_command(repo),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     first = launcher.stdout.readline()
