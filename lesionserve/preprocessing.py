@@ -6,6 +6,9 @@ these functions, so the three cannot drift apart.
 """
 from __future__ import annotations
 
+import io
+import re
+import warnings
 from typing import Any, Iterable
 
 import cv2
@@ -16,6 +19,15 @@ from lesionserve.spec import IMAGENET_MEAN, IMAGENET_STD
 
 #: Largest decoded image accepted (pixels). Larger headers are refused before decoding.
 DEFAULT_MAX_PIXELS = 50_000_000
+#: Largest encoded image accepted (bytes), checked before anything is parsed.
+DEFAULT_MAX_BYTES = 20_000_000
+
+#: Formats decoded (Pillow's names for the header check; OpenCV decodes the pixels). MPO is how
+#: Pillow names multi-picture JPEGs from some cameras.
+ACCEPTED_FORMATS = "JPEG, PNG, BMP, TIFF, WebP"
+_HEADER_FORMATS = ["JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF"]
+_ACCEPTED_PIL = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP"}
+_BOMB_PIXELS_RE = re.compile(r"Image size \((\d+) pixels\)")
 
 _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255.0
 _INV_STD = 1.0 / (np.asarray(IMAGENET_STD, dtype=np.float32) * 255.0)
@@ -29,16 +41,69 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image this pipeline can read. The message says why."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def image_header_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """Read (width, height) from the header only, and refuse what must not be decoded.
+
+    Pillow's lazy ``Image.open`` parses the header (PNG IHDR, JPEG SOF, BMP/TIFF/WebP headers)
+    without touching pixel data, so a tiny file declaring 30000x30000 is refused before OpenCV
+    would allocate gigabytes. Returns None only when Pillow's own bomb guard fired on an image
+    that is still within ``max_pixels`` (a limit configured above Pillow's).
+    """
+    # Imported here, not at module level: export/checks.py (the engine builder image, no Pillow)
+    # uses only preprocess_rgb from this module.
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns on large headers (max_pixels is this pipeline's bomb guard) and on
+            # damaged TIFF/EXIF tags it skips; per image, in the server log, that is only noise.
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=_HEADER_FORMATS) as image:
+                width, height, fmt = image.width, image.height, image.format
+    except Image.DecompressionBombError as exc:
+        match = _BOMB_PIXELS_RE.search(str(exc))
+        declared = int(match.group(1)) if match else None
+        if declared is None or declared > max_pixels:
+            raise ImageDecodeError(
+                f"image header declares {declared if declared is not None else 'too many'} pixels; "
+                f"the limit is {max_pixels} pixels"
+            ) from None
+        return None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(
+            f"cannot decode image ({len(data)} bytes): not a {ACCEPTED_FORMATS} file, or its header "
+            f"is corrupt (accepted formats: {ACCEPTED_FORMATS})"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any header parser failure means unreadable input
+        raise ImageDecodeError(
+            f"cannot decode image ({len(data)} bytes): unreadable header ({type(exc).__name__}: {exc}); "
+            f"accepted formats: {ACCEPTED_FORMATS}"
+        ) from None
+    if fmt not in _ACCEPTED_PIL:
+        raise ImageDecodeError(f"{fmt} images are not accepted; accepted formats: {ACCEPTED_FORMATS}")
+    if width * height > max_pixels:
+        raise ImageDecodeError(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
+    return width, height
+
+
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> np.ndarray:
     """Decode encoded image bytes (JPEG, PNG, BMP, TIFF, WebP) into an HxWx3 uint8 RGB array.
 
-    Grayscale is replicated to three channels, alpha is dropped and 16-bit samples are scaled to
-    8 bits. Raises ImageDecodeError for anything else.
+    Grayscale is replicated to three channels, alpha is dropped, CMYK JPEG is converted by
+    OpenCV and 16-bit samples are scaled to 8 bits. GIF is refused (OpenCV cannot read it).
+    Size (``max_bytes``) and pixel count (``max_pixels``, from the header) are checked before
+    decoding. Raises ImageDecodeError, and only that, for anything else.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageDecodeError(f"expected encoded image bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise ImageDecodeError("empty input (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageDecodeError(f"image is {len(data)} bytes; the limit is {max_bytes} bytes")
+    data = bytes(data)
+    image_header_size(data, max_pixels)
     buffer = np.frombuffer(data, dtype=np.uint8)
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
@@ -46,8 +111,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {exc.msg.strip()}") from None
     if image is None:
         raise ImageDecodeError(
-            f"cannot decode image ({len(data)} bytes): not a JPEG, PNG, BMP, TIFF or WebP file, or truncated"
+            f"cannot decode image ({len(data)} bytes): corrupt or truncated "
+            f"(accepted formats: {ACCEPTED_FORMATS})"
         )
+    # Still checked after decoding: the header check may defer (see image_header_size).
     if image.shape[0] * image.shape[1] > max_pixels:
         raise ImageDecodeError(
             f"image is {image.shape[1]}x{image.shape[0]} pixels; the limit is {max_pixels} pixels"
@@ -104,15 +171,15 @@ def preprocess_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 def preprocess_bytes(
-    data: bytes, sizes: Iterable[int], max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, sizes: Iterable[int], max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> dict[int, np.ndarray]:
     """Decode once, then resize once per distinct input size."""
-    rgb = decode_image(data, max_pixels=max_pixels)
+    rgb = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
     return {size: preprocess_rgb(rgb, size) for size in sizes}
 
 
 def resize_batch(
-    images: list[bytes], sizes: Iterable[int], max_pixels: int = DEFAULT_MAX_PIXELS
+    images: list[bytes], sizes: Iterable[int], max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> dict[int, np.ndarray]:
     """Decode each image once and resize it once per size: one N x S x S x 3 uint8 array per size.
 
@@ -122,7 +189,7 @@ def resize_batch(
     per_image = []
     for index, data in enumerate(images):
         try:
-            rgb = decode_image(data, max_pixels=max_pixels)
+            rgb = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
         except ImageDecodeError as exc:
             raise ImageDecodeError(f"undecodable image at index {index}: {exc}") from None
         per_image.append({size: resize(rgb, size) for size in sizes})
@@ -130,7 +197,11 @@ def resize_batch(
 
 
 def preprocess_batch(
-    images: list[bytes], sizes: Iterable[int], max_pixels: int = DEFAULT_MAX_PIXELS, device: str | None = None
+    images: list[bytes],
+    sizes: Iterable[int],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    device: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> dict[int, Any]:
     """Preprocess a batch of encoded images into one N x 3 x S x S float32 array per size.
 
@@ -138,7 +209,7 @@ def preprocess_batch(
     (OpenCV), the uint8 pixels are copied to the device and normalised there (torch tensors).
     Raises ImageDecodeError naming the index of the first image that cannot be decoded.
     """
-    resized = resize_batch(images, sizes, max_pixels=max_pixels)
+    resized = resize_batch(images, sizes, max_pixels=max_pixels, max_bytes=max_bytes)
     if device is not None:
         from lesionserve.arrays import to_torch
 

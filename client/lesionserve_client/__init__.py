@@ -8,6 +8,7 @@ from .client import LesionClient
 from .config import ModelInfo
 from .encoding import ImageInput, encode_png
 from .errors import (
+    ImageError,
     InvalidImageError,
     LesionServeError,
     ModelConfigError,
@@ -21,6 +22,7 @@ from .results import LesionResult
 __version__ = "0.1.0"
 
 __all__ = [
+    "ImageError",
     "ImageInput",
     "InvalidImageError",
     "LesionClient",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union, overload, Literal
 
 import numpy as np
 from tritonclient.grpc import InferenceServerClient, InferInput, InferRequestedOutput
@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from .config import ModelInfo, parse_model_config
 from .encoding import ImageInput, to_image_bytes
-from .errors import map_server_error
+from .errors import ImageError, InvalidImageError, UndecodableImageError, map_server_error
 from .results import OUTPUT_NAMES, LesionResult, parse_response
 
 DEFAULT_URL = "localhost:8001"
@@ -114,11 +114,27 @@ class LesionClient:
 
     # -- inference -------------------------------------------------------------------------
 
-    def classify(self, images: Sequence[ImageInput]) -> list[LesionResult]:
+    @overload
+    def classify(self, images: Sequence[ImageInput], partial: Literal[False] = False) -> list[LesionResult]: ...
+
+    @overload
+    def classify(
+        self, images: Sequence[ImageInput], partial: Literal[True]
+    ) -> list[Union[LesionResult, ImageError]]: ...
+
+    def classify(
+        self, images: Sequence[ImageInput], partial: bool = False
+    ) -> Union[list[LesionResult], list[Union[LesionResult, ImageError]]]:
         """Classify ``images`` and return one LesionResult per image, in input order.
 
         Each item may be a file path, encoded image bytes, or an HxWx3 uint8 RGB array.
-        Raises InvalidImageError before contacting the server if any item is unusable.
+
+        ``partial=False`` (default): raises InvalidImageError before contacting the server if any
+        item is unusable, UndecodableImageError if the server cannot decode one.
+        ``partial=True``: such an image gets its error object (InvalidImageError or
+        UndecodableImageError, with ``index`` and ``reason``) in its place in the returned list and
+        every other image still gets its result. Errors that are not about one image (server
+        unavailable, timeout, other server errors) are raised in both modes.
         """
         if isinstance(images, (str, bytes, bytearray, os.PathLike)) or (
             isinstance(images, np.ndarray) and images.ndim == 3
@@ -127,6 +143,8 @@ class LesionClient:
             raise TypeError("classify() takes a sequence of images; wrap a single image in a list")
         if self._closed:
             raise RuntimeError("LesionClient is closed")
+        if partial:
+            return self._classify_partial(images)
         # Encode everything first so bad input fails fast and no request is wasted.
         blobs = [to_image_bytes(image, index) for index, image in enumerate(images)]
         if not blobs:
@@ -150,6 +168,59 @@ class LesionClient:
                 future.cancel()
             raise
         return results
+
+    def _classify_partial(self, images: Sequence[ImageInput]) -> list[Union[LesionResult, ImageError]]:
+        """classify(partial=True): per-image errors take the place of results."""
+        out: list[Union[LesionResult, ImageError, None]] = [None] * len(images)
+        items: list[tuple[int, bytes]] = []
+        for index, image in enumerate(images):
+            try:
+                items.append((index, to_image_bytes(image, index)))
+            except InvalidImageError as exc:
+                out[index] = exc
+        if items:
+            info = self.model_info
+            size = self._request_size(info, len(items))
+            chunks = [items[i : i + size] for i in range(0, len(items), size)]
+            if len(chunks) == 1:
+                done = [self._infer_partial(info, chunks[0])]
+            else:
+                futures = [self._pool().submit(self._infer_partial, info, chunk) for chunk in chunks]
+                try:
+                    done = [future.result() for future in futures]
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+            for chunk in done:
+                for index, value in chunk:
+                    out[index] = value
+        return out  # type: ignore[return-value]  # every slot is filled above
+
+    def _infer_partial(
+        self, info: ModelInfo, items: list[tuple[int, bytes]]
+    ) -> list[tuple[int, Union[LesionResult, ImageError]]]:
+        """Send ``items`` (caller index, bytes) as one request; on an undecodable image, set it
+        aside and resend the rest.
+
+        The server fails a whole request on its first bad row, naming that row: each retry drops
+        exactly one image, so k bad images cost k extra requests and no good image is lost.
+        """
+        done: list[tuple[int, Union[LesionResult, ImageError]]] = []
+        pending = list(items)
+        while pending:
+            try:
+                # offset 0: the error's index is then the row in ``pending``, mapped back below.
+                results = self._infer(info, 0, [blob for _, blob in pending])
+            except UndecodableImageError as exc:
+                if not 0 <= exc.index < len(pending):
+                    raise  # a row the request does not have: not an answer about one image
+                index, _ = pending.pop(exc.index)
+                done.append((index, UndecodableImageError(index, exc.reason)))
+                continue
+            done.extend((index, result) for (index, _), result in zip(pending, results))
+            break
+        return done
 
     def _request_size(self, info: ModelInfo, total: int) -> int:
         """Images per request: the caller's choice capped by the server's limit."""

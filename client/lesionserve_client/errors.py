@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Optional, Union
 
 from tritonclient.utils import InferenceServerException
 
@@ -32,6 +32,7 @@ class InvalidImageError(LesionServeError, ValueError):
     def __init__(self, index: int, problem: str) -> None:
         self.index = index
         self.problem = problem
+        self.reason = problem  # same attribute name as UndecodableImageError, for partial results
         super().__init__(
             f"images[{index}]: {problem}; accepted inputs are a file path (str or os.PathLike), "
             "encoded image bytes (bytes/bytearray), or an HxWx3 uint8 RGB numpy array"
@@ -85,3 +86,8 @@ def map_server_error(
     if match:
         return UndecodableImageError(offset + int(match.group(1)), match.group(2).strip())
     return ServerError(f"server error{f' ({status})' if status else ''}: {message}", status=status or None)
+
+
+#: What ``classify(..., partial=True)`` returns in place of a result for an image that failed:
+#: either kind carries ``index`` (in the caller's list) and ``reason``.
+ImageError = Union[InvalidImageError, UndecodableImageError]

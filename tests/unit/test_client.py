@@ -499,3 +499,69 @@ def test_cli_help_describes_url_and_images_when_requested(capsys):
         cli.main(["classify", "--help"])
     text = capsys.readouterr().out
     assert "host:port" in text and "JPEG" in text and "--json" in text
+
+
+# -- partial results ------------------------------------------------------------------------
+
+
+def undecodable_server(bad: set[bytes]) -> Callable[[list[bytes]], None]:
+    """An on_infer hook failing a request on its first blob in ``bad``, as the ensemble does."""
+
+    def decode(batch: list[bytes]) -> None:
+        for row, blob in enumerate(batch):
+            if blob in bad:
+                raise InferenceServerException(
+                    f"in ensemble 'lesion_ensemble', undecodable image at index {row}: cannot decode image",
+                    status="StatusCode.INVALID_ARGUMENT",
+                )
+
+    return decode
+
+
+def test_classify_returns_errors_in_place_and_other_results_when_partial_and_images_are_bad(fake, tmp_path):
+    blobs = blobs_of(19)
+    bad = {b"bad-a", b"bad-b", b"bad-c"}
+    blobs[1], blobs[9], blobs[10] = b"bad-a", b"bad-b", b"bad-c"  # two in the same request
+    images: list[Any] = list(blobs) + [str(tmp_path / "missing.jpg")]
+    fake.on_infer = staticmethod(undecodable_server(bad))
+    with LesionClient(max_workers=3) as client:
+        results = client.classify(images, partial=True)
+    assert len(results) == 20
+    for index, result in enumerate(results):
+        if index in (1, 9, 10):
+            assert isinstance(result, UndecodableImageError) and result.index == index
+            assert result.reason == "cannot decode image"
+        elif index == 19:
+            assert isinstance(result, InvalidImageError) and result.index == 19 and "file not found" in result.reason
+        else:
+            assert result == expected_result(blobs[index])
+    # Good images were never dropped, and every resend left out exactly the image named.
+    sent = [b for request in fake.instances[0].requests for b in request]
+    assert all(b in sent for i, b in enumerate(blobs) if i not in (1, 9, 10))
+    assert len(fake.instances[0].requests) == 3 + 3
+
+
+def test_classify_still_raises_when_not_partial_and_an_image_is_bad(fake):
+    blobs = blobs_of(3)
+    blobs[2] = b"bad"
+    fake.on_infer = staticmethod(undecodable_server({b"bad"}))
+    with LesionClient() as client, pytest.raises(UndecodableImageError) as info:
+        client.classify(blobs)
+    assert info.value.index == 2
+
+
+def test_classify_raises_server_error_even_when_partial(fake):
+    def crash(batch: list[bytes]) -> None:
+        raise InferenceServerException("onnx runtime error 6: out of memory", status="StatusCode.INTERNAL")
+
+    fake.on_infer = staticmethod(crash)
+    with LesionClient() as client, pytest.raises(ServerError, match="out of memory"):
+        client.classify(blobs_of(2), partial=True)
+
+
+def test_classify_returns_only_errors_without_requests_when_partial_and_every_input_is_unusable(fake):
+    with LesionClient() as client:
+        results = client.classify([b"", 3], partial=True)
+    assert [type(r) for r in results] == [InvalidImageError, InvalidImageError]
+    assert [r.index for r in results] == [0, 1]
+    assert not fake.instances[0].requests

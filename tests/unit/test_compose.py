@@ -126,6 +126,12 @@ def test_server_image_installs_torch_only_when_built_for_gpu(services):
     assert services["triton-cpu"]["build"]["args"]["WITH_TORCH"] == "0"
 
 
+def test_server_image_installs_pillow_when_preprocess_checks_headers():
+    # lesionserve.preprocessing reads image headers with Pillow before decoding (size limits).
+    assert re.search(r"^pillow==\d", (ROOT / "deploy/requirements-triton.txt").read_text(), re.M)
+    assert "PIL" in (ROOT / "deploy/triton.Dockerfile").read_text()
+
+
 def _docker_compose_works() -> bool:
     if shutil.which("docker") is None:
         return False

@@ -140,3 +140,74 @@ def test_fuse_averages_views_then_weights_backbones_when_two_backbones():
 def test_fuse_raises_when_rows_not_a_multiple_of_views():
     with pytest.raises(ValueError, match="multiple of views=4"):
         fuse([np.zeros((6, 7), np.float32)], [1.0], views=4)
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A 60-odd-byte PNG whose IHDR declares width x height: a decompression bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _pil_bytes(image, fmt: str, **kwargs) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("side, fragment", [(30000, "900000000 pixels"), (8000, "8000x8000 pixels")])
+def test_decode_image_refuses_before_decoding_when_header_declares_too_many_pixels(side, fragment, monkeypatch):
+    # imdecode must never run: the bomb would allocate gigabytes.
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded a bomb"))
+    with pytest.raises(ImageDecodeError, match=rf"{fragment}; the limit is 50000000 pixels"):
+        decode_image(_png_declaring(side, side))
+
+
+def test_decode_image_refuses_when_bytes_exceed_limit():
+    data = _encode(_red_bgr(), ".png")
+    with pytest.raises(ImageDecodeError, match=rf"image is {len(data)} bytes; the limit is 10 bytes"):
+        decode_image(data, max_bytes=10)
+
+
+def test_decode_image_names_accepted_formats_when_gif():
+    from PIL import Image
+
+    frames = [Image.new("RGB", (8, 8), (i * 60, 0, 0)) for i in range(3)]
+    gif = _pil_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageDecodeError, match=r"GIF images are not accepted; accepted formats: JPEG, PNG, BMP, TIFF, WebP"):
+        decode_image(gif)
+
+
+def test_decode_image_converts_to_rgb_when_jpeg_is_cmyk():
+    from PIL import Image
+
+    cmyk = _pil_bytes(Image.new("RGB", (20, 10), RED_RGB).convert("CMYK"), "JPEG", quality=95)
+    rgb = decode_image(cmyk)
+    assert rgb.shape == (10, 20, 3) and np.abs(rgb[5, 10].astype(int) - RED_RGB).max() <= 12
+
+
+def test_preprocess_bytes_resizes_when_image_is_1x1():
+    out = preprocess_bytes(_encode(_red_bgr(1, 1), ".png"), (224,))
+    assert out[224].shape == (3, 224, 224) and np.ptp(out[224][0]) == 0
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (b"patient notes: lesion on left arm\n" * 4, "not a JPEG, PNG, BMP, TIFF, WebP file"),
+        (np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "cannot decode"),
+        (_encode(_red_bgr(60, 80), ".jpg")[:300], "cannot decode"),
+    ],
+    ids=["text", "random", "truncated_jpeg"],
+)
+def test_decode_image_names_accepted_formats_when_input_is_not_an_image(data, fragment):
+    with pytest.raises(ImageDecodeError, match=fragment) as info:
+        decode_image(data)
+    assert "accepted formats" in str(info.value)

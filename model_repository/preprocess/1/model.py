@@ -5,7 +5,7 @@ CPU, normalise on the GPU, outputs stay on the GPU for tta.
 """
 import triton_python_backend_utils as pb_utils
 
-from lesionserve.preprocessing import ImageDecodeError, preprocess_batch
+from lesionserve.preprocessing import DEFAULT_MAX_BYTES, ImageDecodeError, preprocess_batch
 from lesionserve.triton_config import device_for, parameter, parse_args_config, square_size
 from lesionserve.triton_models.tensors import synchronize, write
 
@@ -16,6 +16,8 @@ class TritonPythonModel:
         # Output name -> side length, read from the config so resolutions are declared in one place.
         self.outputs = {o["name"]: square_size(o["dims"]) for o in config["output"]}
         self.max_pixels = int(parameter(config, "max_pixels"))
+        # Default keeps repositories assembled before max_bytes existed loadable.
+        self.max_bytes = int(parameter(config, "max_bytes", str(DEFAULT_MAX_BYTES)))
         self.device = device_for(args)
 
     def execute(self, requests):
@@ -24,7 +26,9 @@ class TritonPythonModel:
         for request in requests:
             blobs = pb_utils.get_input_tensor_by_name(request, "raw_image").as_numpy().reshape(-1)
             try:
-                batch = preprocess_batch([bytes(b) for b in blobs], sizes, self.max_pixels, self.device)
+                batch = preprocess_batch(
+                    [bytes(b) for b in blobs], sizes, self.max_pixels, self.device, max_bytes=self.max_bytes
+                )
             except ImageDecodeError as exc:  # the caller's bad input: fail this request only
                 error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=error))
