@@ -52,6 +52,16 @@ def get_backbone(name: str) -> BackboneSpec:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}") from None
 
 
+def backbone_arg(value: str) -> str:
+    """argparse ``type=`` for a backbone name: the error lists the valid names."""
+    import argparse  # only command lines need it
+
+    try:
+        return get_backbone(value).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def input_sizes(backbones: tuple[str, ...] = BACKBONE_NAMES) -> tuple[int, ...]:
     """Distinct input resolutions needed by ``backbones``, ascending."""
     return tuple(sorted({get_backbone(b).input_size for b in backbones}))

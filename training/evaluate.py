@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lesionserve.calibration import Calibration
-from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_NAMES, CLASS_NAMES, NUM_CLASSES, check_views, get_backbone
+from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_NAMES, CLASS_NAMES, NUM_CLASSES, backbone_arg, check_views, get_backbone
 from training.data import Sample, class_counts
 from training.metrics import (
     MALIGNANT_CLASSES,
@@ -423,13 +423,6 @@ def evaluate(
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def _backbone_arg(value: str) -> str:
-    try:
-        return get_backbone(value).name
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.evaluate",
@@ -446,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split file (default: DIR/splits.csv; for --split val without one, the validation "
                              "split recorded in the first backbone's config.json)")
     parser.add_argument("--views", type=int, choices=ALLOWED_VIEWS, default=8, help="TTA views T (default: 8)")
-    parser.add_argument("--backbones", nargs="+", type=_backbone_arg, default=None, metavar="NAME",
+    parser.add_argument("--backbones", nargs="+", type=backbone_arg, default=None, metavar="NAME",
                         help=f"backbones to use, of {', '.join(BACKBONE_NAMES)} (default: every one with a checkpoint)")
     parser.add_argument("--calibration", type=Path, default=None, metavar="JSON",
                         help="calibration file (default: DIR/calibration.json)")

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lesionserve.models import create_backbone, save_checkpoint
-from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES, NUM_CLASSES, get_backbone
+from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES, NUM_CLASSES, backbone_arg, get_backbone
 from training.augment import LEVEL_NAMES, AugmentedDataset, class_levels
 from training.config import (  # noqa: F401  (TrainConfig: re-exported for callers of train())
     OPTIONS,
@@ -588,13 +588,6 @@ def _train(cfg: dict[str, Any], rt: Runtime) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def _backbone_arg(value: str) -> str:
-    try:
-        return get_backbone(value).name
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _value_parser(option: Option) -> Callable[[str], Any]:
     """argparse type for an option: its type, plus 'none'/'null' for nullable ones."""
 
@@ -647,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help_text += f" (recipe: {summary})"
         kwargs: dict[str, Any] = {"dest": key, "help": help_text, "default": argparse.SUPPRESS}
         if key == "backbone":
-            kwargs.update(type=_backbone_arg, metavar="{" + ",".join(BACKBONE_NAMES) + "}")
+            kwargs.update(type=backbone_arg, metavar="{" + ",".join(BACKBONE_NAMES) + "}")
         elif option.type is bool:
             kwargs.update(action=argparse.BooleanOptionalAction)
         else:
