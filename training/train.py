@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lesionserve.models import create_backbone, save_checkpoint
-from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES, NUM_CLASSES, backbone_arg, get_backbone
+from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES, NUM_CLASSES, backbone_arg
 from training.augment import LEVEL_NAMES, AugmentedDataset, class_levels
 from training.config import (  # noqa: F401  (TrainConfig: re-exported for callers of train())
     OPTIONS,
