@@ -32,6 +32,18 @@ def version_dir(args: dict[str, str]) -> Path:
     return Path(args["model_repository"]) / args["model_version"]
 
 
+def weights_file(args: dict[str, str], config: dict[str, Any], key: str, default: str, hint: str) -> Path:
+    """The weights file named by parameter ``key`` in the version folder.
+
+    A missing file is a broken deployment: raise naming the model, the path and ``hint`` (how to
+    put it there), so the server's load error says what to do.
+    """
+    path = version_dir(args) / parameter(config, key, default)
+    if not path.is_file():
+        raise FileNotFoundError(f"model {config.get('name')!r}: {path} not found; {hint}")
+    return path
+
+
 def square_size(dims: list[int] | list[str]) -> int:
     """Side of a [..., 3, S, S] tensor's dims, checking that it is square RGB."""
     d = [int(x) for x in dims]

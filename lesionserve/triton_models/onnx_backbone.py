@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from lesionserve.triton_config import parameter, parse_args_config, version_dir
+from lesionserve.triton_config import parameter, parse_args_config, weights_file
 
 
 def make_session(path: str, threads: int) -> ort.InferenceSession:
@@ -21,11 +21,9 @@ def make_session(path: str, threads: int) -> ort.InferenceSession:
 class TritonPythonModel:
     def initialize(self, args):
         config = parse_args_config(args)
-        path = version_dir(args) / parameter(config, "onnx_file", "model.onnx")
-        if not path.is_file():
-            raise pb_utils.TritonModelException(
-                f"model {config['name']!r}: {path} not found; copy exported weights in with `python -m export.assemble --artifacts DIR`"
-            )
+        path = weights_file(
+            args, config, "onnx_file", "model.onnx", "copy exported weights in with `python -m export.assemble --artifacts DIR`"
+        )
         self.session = make_session(str(path), int(parameter(config, "intra_op_threads", "1")))
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]

@@ -9,18 +9,16 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from lesionserve.torch_runtime import load_torch_backbone
-from lesionserve.triton_config import batch_buckets, device_for, flag, parameter, parse_args_config, version_dir
+from lesionserve.triton_config import batch_buckets, device_for, flag, parameter, parse_args_config, weights_file
 from lesionserve.triton_models.tensors import read, synchronize, write
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = parse_args_config(args)
-        path = version_dir(args) / parameter(config, "checkpoint_file", "checkpoint.pt")
-        if not path.is_file():
-            raise pb_utils.TritonModelException(
-                f"model {config['name']!r}: {path} not found; assemble with --checkpoints for the gpu_torch variant"
-            )
+        path = weights_file(
+            args, config, "checkpoint_file", "checkpoint.pt", "assemble with --checkpoints for the gpu_torch variant"
+        )
         self.device = device_for(args)
         on_gpu = self.device is not None
         if on_gpu and not torch.cuda.is_available():

@@ -138,3 +138,15 @@ def test_set_views_raises_when_count_not_allowed(tmp_path):
     repo = assemble(_fake_artifacts(tmp_path / "art"), out=tmp_path / "repo")
     with pytest.raises(ValueError, match="views must be one of"):
         set_views(repo, 3)
+
+
+def test_weights_file_names_model_path_and_remedy_when_missing(tmp_path):
+    from lesionserve.triton_config import weights_file
+
+    args = {"model_repository": str(tmp_path / "resnet50"), "model_version": "1"}
+    config = {"name": "resnet50", "parameters": {}}
+    with pytest.raises(FileNotFoundError, match=r"model 'resnet50': .*resnet50/1/model.onnx not found; run X"):
+        weights_file(args, config, "onnx_file", "model.onnx", "run X")
+    (tmp_path / "resnet50" / "1").mkdir(parents=True)
+    (tmp_path / "resnet50" / "1" / "model.onnx").write_bytes(b"x")
+    assert weights_file(args, config, "onnx_file", "model.onnx", "run X").name == "model.onnx"
