@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from lesionserve.onnx_session import make_session
 from lesionserve.preprocessing import preprocess_rgb
 from lesionserve.spec import CLASS_NAMES
 
@@ -27,11 +28,8 @@ def check_batch(input_size: int, batch: int = 3, seed: int = 0) -> np.ndarray:
 
 
 def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
-    """CPU ONNX Runtime session; ``threads`` = 0 lets ORT decide."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """CPU ONNX Runtime session, configured as served; ``threads`` = 0 lets ORT decide."""
+    return make_session(path, threads)
 
 
 def ort_logits(session: ort.InferenceSession, x: np.ndarray, batch: int = 32) -> np.ndarray:

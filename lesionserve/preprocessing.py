@@ -31,6 +31,9 @@ _BOMB_PIXELS_RE = re.compile(r"Image size \((\d+) pixels\)")
 
 _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255.0
 _INV_STD = 1.0 / (np.asarray(IMAGENET_STD, dtype=np.float32) * 255.0)
+#: normalize()'s arithmetic evaluated once for every uint8 value of each channel (3 x 256, float32):
+#: the same float32 operations, so a lookup gives bit-identical results at a fifth of the cost.
+_NORMALIZE_LUT = (np.arange(256, dtype=np.float32)[None, :] - _MEAN[:, None]) * _INV_STD[:, None]
 
 # One OpenCV thread: the server runs several model instances on few cores; parallelism comes
 # from instances, not from OpenCV's own pool.
@@ -158,11 +161,23 @@ def normalize(rgb: Any) -> Any:
     A numpy array stays on the host; a torch tensor is normalised on its own device (the GPU
     variants send uint8 pixels to the GPU, a quarter of the float32 bytes, and normalise there).
     """
+    if isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8:
+        return _normalize_lut(rgb)
     xp = array_ops(rgb)
     chw = xp.moveaxis(xp.astype(rgb, "float32"), -1, -3)
     mean = xp.asarray(_MEAN, "float32", like=rgb)[:, None, None]
     inv_std = xp.asarray(_INV_STD, "float32", like=rgb)[:, None, None]
     return (chw - mean) * inv_std
+
+
+def _normalize_lut(rgb: np.ndarray) -> np.ndarray:
+    """normalize() for uint8 numpy input by table lookup, written straight into CHW planes."""
+    if rgb.shape[-1] != 3:
+        raise ValueError(f"expected ... x H x W x 3 RGB pixels, got shape {rgb.shape}")
+    out = np.empty((*rgb.shape[:-3], 3, *rgb.shape[-3:-1]), dtype=np.float32)
+    for channel in range(3):
+        np.take(_NORMALIZE_LUT[channel], rgb[..., channel], out=out[..., channel, :, :])
+    return out
 
 
 def preprocess_rgb(rgb: np.ndarray, size: int) -> np.ndarray:

@@ -42,7 +42,7 @@ class ReferencePipeline:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         input_sizes: dict[str, int] | None = None,
     ) -> None:
-        self.models = {name: model.eval() for name, model in models.items()}
+        self.models = {name: self.prepare(model) for name, model in models.items()}
         self.backbones = tuple(models)
         # A model trained at a reduced resolution (CPU experiments) is evaluated at that resolution.
         self.input_sizes = {b: (input_sizes or {}).get(b, get_backbone(b).input_size) for b in self.backbones}
@@ -73,6 +73,11 @@ class ReferencePipeline:
             sizes[name] = int((payload.get("config") or {}).get("input_size") or spec.input_size)
         calibration = calibration or Calibration.load(artifacts / "calibration.json")
         return cls(models, calibration, views=views, input_sizes=sizes, **kwargs)
+
+    @staticmethod
+    def prepare(model: torch.nn.Module) -> torch.nn.Module:
+        """Make one backbone ready to run (eval mode); subclasses with other runtimes override it."""
+        return model.eval()
 
     @torch.inference_mode()
     def backbone_logits(self, name: str, views: np.ndarray) -> np.ndarray:

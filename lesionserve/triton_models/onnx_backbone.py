@@ -3,19 +3,10 @@
 Triton's dynamic batcher hands ``execute`` several requests at once; they run as one ORT batch.
 """
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from lesionserve.onnx_session import make_session
 from lesionserve.triton_config import parameter, parse_args_config, weights_file
-
-
-def make_session(path: str, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    # Capped: several model instances share few cores; oversubscription costs more than it gains.
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 class TritonPythonModel:
@@ -24,7 +15,14 @@ class TritonPythonModel:
         path = weights_file(
             args, config, "onnx_file", "model.onnx", "copy exported weights in with `python -m export.assemble --artifacts DIR`"
         )
-        self.session = make_session(str(path), int(parameter(config, "intra_op_threads", "1")))
+        spinning = parameter(config, "allow_spinning", "1")
+        if spinning not in ("0", "1"):
+            raise pb_utils.TritonModelException(
+                f"model {config['name']!r}: parameter allow_spinning must be \"0\" or \"1\", got {spinning!r}"
+            )
+        self.session = make_session(
+            path, threads=int(parameter(config, "intra_op_threads", "1")), spinning=spinning == "1"
+        )
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
 

@@ -85,6 +85,21 @@ def test_normalize_applies_imagenet_statistics_when_given_uint8():
     np.testing.assert_allclose(out[:, 0, 0], expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(16, 16), (2, 8, 16)])
+def test_normalize_lookup_equals_float_arithmetic_bit_for_bit_for_every_uint8_value(shape):
+    # Every value 0..255 in every channel, unbatched and batched: the lookup table must give the
+    # exact float32 results of (x - mean) * inv_std that training's transform was defined with.
+    values = np.arange(256, dtype=np.uint8)
+    rgb = np.stack([values, values[::-1], np.roll(values, 85)], axis=-1).reshape(*shape, 3)
+    chw = np.moveaxis(rgb.astype(np.float32), -1, -3)
+    mean = (np.asarray(IMAGENET_MEAN, np.float32) * 255.0)[:, None, None]
+    inv_std = (1.0 / (np.asarray(IMAGENET_STD, np.float32) * 255.0))[:, None, None]
+    expected = (chw - mean) * inv_std
+    got = normalize(rgb)
+    assert got.dtype == np.float32 and got.shape == expected.shape and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_preprocess_bytes_resizes_once_per_size_when_sizes_differ():
     out = preprocess_bytes(_encode(_red_bgr(45, 60), ".png"), (224, 300))
     assert out[224].shape == (3, 224, 224) and out[300].shape == (3, 300, 300)
