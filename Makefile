@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lesionserve-setup
 
-.PHONY: setup demo test test-unit lock clean
+.PHONY: setup demo test test-unit bench bench-quick lock clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,13 @@ test: setup
 
 test-unit: setup
 	$(PY) -m pytest -ra tests/unit
+
+# Every table of benchmarks/RESULTS.md (about 25 min on 2 cores; leave the machine idle).
+bench: setup
+	$(PY) -m benchmarks.run_all
+
+bench-quick: setup
+	$(PY) -m benchmarks.run_all --quick --out runs/benchmarks/quick
 
 # Refresh requirements.lock from the current venv (after changing a dependency on purpose).
 lock:

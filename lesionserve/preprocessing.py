@@ -6,10 +6,11 @@ these functions, so the three cannot drift apart.
 """
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import cv2
 import numpy as np
@@ -193,21 +194,34 @@ def preprocess_bytes(
     return {size: preprocess_rgb(rgb, size) for size in sizes}
 
 
+def _decode_resize(
+    item: tuple[int, bytes], sizes: tuple[int, ...], max_pixels: int, max_bytes: int
+) -> dict[int, np.ndarray]:
+    """One image of resize_batch: (index, bytes) -> {size: S x S x 3 uint8}."""
+    index, data = item
+    try:
+        rgb = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"undecodable image at index {index}: {exc}") from None
+    return {size: resize(rgb, size) for size in sizes}
+
+
 def resize_batch(
-    images: list[bytes], sizes: Iterable[int], max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+    images: list[bytes],
+    sizes: Iterable[int],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    map_fn: Callable = map,
 ) -> dict[int, np.ndarray]:
     """Decode each image once and resize it once per size: one N x S x S x 3 uint8 array per size.
 
-    Raises ImageDecodeError naming the index of the first image that cannot be decoded.
+    ``map_fn``: e.g. a thread pool's ``map`` to decode several images at once (OpenCV releases
+    the GIL); results are the same either way. Raises ImageDecodeError naming the index of the
+    first image that cannot be decoded.
     """
     sizes = tuple(sizes)
-    per_image = []
-    for index, data in enumerate(images):
-        try:
-            rgb = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(f"undecodable image at index {index}: {exc}") from None
-        per_image.append({size: resize(rgb, size) for size in sizes})
+    work = functools.partial(_decode_resize, sizes=sizes, max_pixels=max_pixels, max_bytes=max_bytes)
+    per_image = list(map_fn(work, enumerate(images)))  # in order: the first bad index is raised
     return {size: np.stack([p[size] for p in per_image]) for size in sizes}
 
 
@@ -217,6 +231,7 @@ def preprocess_batch(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     device: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    map_fn: Callable = map,
 ) -> dict[int, Any]:
     """Preprocess a batch of encoded images into one N x 3 x S x S float32 array per size.
 
@@ -224,7 +239,7 @@ def preprocess_batch(
     (OpenCV), the uint8 pixels are copied to the device and normalised there (torch tensors).
     Raises ImageDecodeError naming the index of the first image that cannot be decoded.
     """
-    resized = resize_batch(images, sizes, max_pixels=max_pixels, max_bytes=max_bytes)
+    resized = resize_batch(images, sizes, max_pixels=max_pixels, max_bytes=max_bytes, map_fn=map_fn)
     if device is not None:
         from lesionserve.arrays import to_torch
 

@@ -3,6 +3,8 @@
 KIND_CPU (config.pbtxt): numpy on the host. KIND_GPU (configs/gpu*.pbtxt): decode and resize on the
 CPU, normalise on the GPU, outputs stay on the GPU for tta.
 """
+from concurrent.futures import ThreadPoolExecutor
+
 import triton_python_backend_utils as pb_utils
 
 from lesionserve.preprocessing import DEFAULT_MAX_BYTES, ImageDecodeError, preprocess_batch
@@ -19,6 +21,14 @@ class TritonPythonModel:
         # Default keeps repositories assembled before max_bytes existed loadable.
         self.max_bytes = int(parameter(config, "max_bytes", str(DEFAULT_MAX_BYTES)))
         self.device = device_for(args)
+        # Decoding threads: OpenCV releases the GIL, so a request's images decode side by side.
+        threads = int(parameter(config, "decode_threads", "1"))
+        if threads < 1:
+            raise pb_utils.TritonModelException(f"preprocess: decode_threads must be >= 1, got {threads}")
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+
+    def finalize(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def execute(self, requests):
         responses = []
@@ -27,7 +37,8 @@ class TritonPythonModel:
             blobs = pb_utils.get_input_tensor_by_name(request, "raw_image").as_numpy().reshape(-1)
             try:
                 batch = preprocess_batch(
-                    [bytes(b) for b in blobs], sizes, self.max_pixels, self.device, max_bytes=self.max_bytes
+                    [bytes(b) for b in blobs], sizes, self.max_pixels, self.device,
+                    max_bytes=self.max_bytes, map_fn=self.pool.map,
                 )
             except ImageDecodeError as exc:  # the caller's bad input: fail this request only
                 error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)

@@ -1,0 +1,167 @@
+"""What every benchmark script shares: the images, the artifacts, a server, timing and the machine.
+
+Benchmarks measure speed, which does not depend on what the weights learned: by default they use
+randomly initialised backbones exported exactly as trained ones are (``--artifacts`` takes real ones).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from lesionserve.server import PROJECT_ROOT, TritonServer
+from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
+
+#: Real ISIC-size dermoscopy JPEGs (600x450), when this machine has them; never committed.
+REAL_IMAGES = PROJECT_ROOT.parent / "shared/data/isic-real/ham10000-native"
+DEFAULT_OUT = PROJECT_ROOT / "runs/benchmarks"
+
+
+def load_images(source: str, count: int, seed: int = 0) -> tuple[list[bytes], str]:
+    """``count`` encoded images and a description of where they came from.
+
+    ``source``: a folder of .jpg files, ``synthetic`` (600x450 JPEGs rendered here), or ``auto``
+    (the real HAM10000 folder when present, else synthetic).
+    """
+    if count < 1:
+        raise ValueError(f"image count must be >= 1, got {count}")
+    if source == "auto":
+        source = str(REAL_IMAGES) if REAL_IMAGES.is_dir() else "synthetic"
+    if source == "synthetic":
+        import cv2
+
+        from training.synthetic import render_lesion
+
+        rng = np.random.default_rng(seed)
+        images = []
+        for i in range(count):
+            rgb = render_lesion(CLASS_NAMES[i % len(CLASS_NAMES)], rng, (600, 450))
+            ok, buf = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+            assert ok, "OpenCV failed to encode a synthetic lesion"
+            images.append(buf.tobytes())
+        return images, f"synthetic 600x450 JPEGs (quality 90), seed {seed}"
+    folder = Path(source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder} (give a folder of .jpg files, 'synthetic' or 'auto')")
+    files = sorted(folder.glob("*.jpg"))[:count]
+    if len(files) < count:
+        raise ValueError(f"{folder} has {len(files)} .jpg files; {count} are needed")
+    images = [f.read_bytes() for f in files]
+    mean_kb = sum(map(len, images)) / len(images) / 1024
+    return images, f"{count} JPEGs from {folder} (first by name, mean {mean_kb:.0f} KB)"
+
+
+def random_artifacts(out: Path, seed: int = 0) -> Path:
+    """Random-weight artifacts at the native sizes (224/224/300), reused when already complete:
+    an export costs about a minute on 2 cores."""
+    from export.random_artifacts import build_random_artifacts
+
+    out = Path(out)
+    complete = all((out / name / "model.onnx").is_file() for name in BACKBONE_NAMES) and (out / "calibration.json").is_file()
+    return out if complete else build_random_artifacts(out, seed=seed)
+
+
+@contextmanager
+def served(artifacts: Path, views: int, out: Path, log_name: str = "tritonserver.log") -> Iterator[TritonServer]:
+    """The committed model repository with ``artifacts`` at ``views`` views, served on free ports."""
+    from export.assemble import assemble
+
+    repo = assemble(artifacts, out=out / f"repository_t{views}", views=views)
+    server = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_path=out / log_name, startup_timeout=300)
+    with server:
+        yield server
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Throughput and latency percentiles from one measured loop."""
+
+    items: int
+    seconds: float
+    latencies: tuple[float, ...]
+
+    @property
+    def per_second(self) -> float:
+        return self.items / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q))
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "images_per_s": round(self.per_second, 3),
+            "p50_ms": round(1000 * self.percentile(50), 1),
+            "p95_ms": round(1000 * self.percentile(95), 1),
+            "p99_ms": round(1000 * self.percentile(99), 1),
+            "calls": len(self.latencies),
+        }
+
+
+def measure(call: Callable[[], object], items_per_call: int, calls: int, warmup: int = 1) -> Timing:
+    """Run ``call`` ``warmup`` times unmeasured, then ``calls`` times back to back."""
+    for _ in range(warmup):
+        call()
+    latencies = []
+    start = time.perf_counter()
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - t0)
+    return Timing(items_per_call * calls, time.perf_counter() - start, tuple(latencies))
+
+
+def cycle(items: Sequence, size: int) -> Callable[[], list]:
+    """A function returning the next ``size`` items of ``items``, wrapping around."""
+    position = [0]
+
+    def take() -> list:
+        start = position[0]
+        position[0] = (start + size) % len(items)
+        return [items[(start + i) % len(items)] for i in range(size)]
+
+    return take
+
+
+def machine_info() -> dict[str, str]:
+    """CPU, core count and the versions that decide the figures."""
+    import cv2
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "opencv": cv2.__version__,
+        "numpy": np.__version__,
+        "tritonserver": "2.51.0 (nvidia-pytriton 0.7.0)",
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)  # a crashed run never leaves half a results file
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))

@@ -1,0 +1,73 @@
+"""Smoke runs of the benchmark scripts on tiny settings (figures are not checked: benchmarks are
+scripts, not timed tests), and the check that the in-process ONNX Runtime baseline computes what
+the reference computes."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from benchmarks import harness, perf_analyzer, scaling, tuning
+from benchmarks.common import load_images
+from lesionserve.server import PROJECT_ROOT
+
+pytestmark = pytest.mark.integration
+TINY_IMAGES = ["--images", "synthetic", "--num-images", "2"]
+
+
+def test_ort_pipeline_matches_the_reference_pipeline(artifacts, reference_t8):
+    from benchmarks.pipelines import OrtPipeline
+
+    images, _ = load_images("synthetic", 3)
+    ort_out = OrtPipeline.from_onnx(artifacts, views=8, threads=1).run(images)
+    ref_out = reference_t8.run(images)
+    np.testing.assert_allclose(ort_out.probs, ref_out.probs, atol=1e-4)
+    assert ort_out.labels == ref_out.labels
+
+
+def test_harness_measures_all_four_pipelines(artifacts, tmp_path):
+    argv = ["--views", "1", "--batch", "2", "--throughput-views", "2", "--latency-views", "1", "--bound-repeats", "1",
+            "--artifacts", str(artifacts), "--out", str(tmp_path), *TINY_IMAGES]
+    assert harness.main(argv) == 0
+    report = json.loads((tmp_path / "harness.json").read_text())
+    assert set(report["views"]["1"]) == {"triton", "torch", "ort", "bound"}
+    assert all(r["throughput"]["images_per_s"] > 0 for r in report["views"]["1"].values())
+    assert set(report["ratios"]["1"]) == {"triton/bound", "triton/torch", "triton/ort"}
+    assert "(a)/(d) goal >= 0.90" in (tmp_path / "harness.md").read_text() and (tmp_path / "harness.png").stat().st_size > 0
+
+
+def test_scaling_sweeps_views_and_images_per_call(artifacts, tmp_path):
+    argv = ["--views", "1", "--images-per-call", "1", "3", "--views-budget", "1",
+            "--artifacts", str(artifacts), "--out", str(tmp_path), *TINY_IMAGES]
+    assert scaling.main(argv) == 0
+    report = json.loads((tmp_path / "scaling.json").read_text())
+    assert set(report["views"]) == {"1"} and set(report["images_per_call"]) == {"1", "3"}
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_tuning_serves_a_variant_with_its_settings(artifacts, tmp_path):
+    argv = ["--views", "1", "--batch", "1", "--calls", "1", "--latency-calls", "1",
+            "--variant", "t1:threads=1,spin=0,decode=2", "--artifacts", str(artifacts), "--out", str(tmp_path), *TINY_IMAGES]
+    assert tuning.main(argv) == 0
+    result = json.loads((tmp_path / "tuning_t1.json").read_text())["variants"]["t1"]
+    assert result["threads"] == 1 and result["images_per_s_c1"] > 0
+    assert 'allow_spinning" value: { string_value: "0"' in (tmp_path / "repository_t1" / "resnet50" / "config.pbtxt").read_text()
+
+
+def test_perf_analyzer_sweeps_a_running_server(server_t1, tmp_path):
+    install = subprocess.run(["bash", str(PROJECT_ROOT / "benchmarks/install_perf_analyzer.sh")], capture_output=True, text=True)
+    if install.returncode != 0:
+        pytest.skip(f"perf_analyzer could not be installed (needs PyPI and Debian's package index): {install.stderr[-500:]}")
+    argv = ["--url", server_t1.grpc_url, "--concurrency", "1", "2", "--min-requests", "2", "--requests-per-concurrency", "1",
+            "--stability", "100", "--out", str(tmp_path), *TINY_IMAGES]
+    assert perf_analyzer.main(argv) == 0
+    with open(tmp_path / "perf.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["Concurrency"] for r in rows] == ["1", "2"] and all(float(r["Inferences/Second"]) > 0 for r in rows)
+    with open(tmp_path / "breakdown.csv") as f:
+        models = {r["model"] for r in csv.DictReader(f)}
+    assert {"preprocess", "tta", "resnet50", "densenet121", "efficientnet_b3", "fusion", "threshold"} <= models
+    assert (tmp_path / "throughput.png").stat().st_size > 0 and (tmp_path / "latency.png").stat().st_size > 0
