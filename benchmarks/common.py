@@ -88,6 +88,12 @@ class Timing:
     seconds: float
     latencies: tuple[float, ...]
 
+    @classmethod
+    def combine(cls, timings: Sequence["Timing"]) -> "Timing":
+        """Several measured loops as one: items and seconds add up, latencies pool."""
+        return cls(sum(t.items for t in timings), sum(t.seconds for t in timings),
+                   tuple(x for t in timings for x in t.latencies))
+
     @property
     def per_second(self) -> float:
         return self.items / self.seconds

@@ -19,7 +19,7 @@ from benchmarks.common import DEFAULT_OUT
 
 QUICK = {
     "harness": ["--views", "1", "--num-images", "2", "--batch", "2", "--throughput-views", "2", "--latency-views", "1",
-                "--bound-repeats", "1"],
+                "--bound-repeats", "1", "--rounds", "1"],
     "perf_analyzer": ["--concurrency", "1", "2", "--num-images", "2", "--min-requests", "2", "--requests-per-concurrency", "1",
                       "--stability", "100"],
     "scaling": ["--views", "1", "--images-per-call", "1", "2", "--views-budget", "2", "--num-images", "2"],

@@ -2,11 +2,14 @@
 
 Triton's dynamic batcher hands ``execute`` several requests at once; they run as one ORT batch.
 """
+import contextlib
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from lesionserve.core_lock import CoreLock, lock_path
 from lesionserve.onnx_session import make_session
-from lesionserve.triton_config import parameter, parse_args_config, weights_file
+from lesionserve.triton_config import flag, parameter, parse_args_config, version_dir, weights_file
 
 
 class TritonPythonModel:
@@ -15,20 +18,22 @@ class TritonPythonModel:
         path = weights_file(
             args, config, "onnx_file", "model.onnx", "copy exported weights in with `python -m export.assemble --artifacts DIR`"
         )
-        spinning = parameter(config, "allow_spinning", "1")
-        if spinning not in ("0", "1"):
-            raise pb_utils.TritonModelException(
-                f"model {config['name']!r}: parameter allow_spinning must be \"0\" or \"1\", got {spinning!r}"
-            )
         self.session = make_session(
-            path, threads=int(parameter(config, "intra_op_threads", "1")), spinning=spinning == "1"
+            path,
+            threads=int(parameter(config, "intra_op_threads", "1")),
+            spinning=flag(config, "allow_spinning", True),
         )
+        # Optional turn-taking with the repository's other backbones (see lesionserve/core_lock.py).
+        lock_name = parameter(config, "core_lock", "")
+        self.lock = CoreLock(lock_path(lock_name, version_dir(args).parents[1])) if lock_name else contextlib.nullcontext()
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
 
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-        logits = self.session.run([self.output_name], {self.input_name: np.concatenate(arrays)})[0]
+        batch = np.concatenate(arrays)
+        with self.lock:
+            logits = self.session.run([self.output_name], {self.input_name: batch})[0]
         splits = np.cumsum([len(a) for a in arrays])[:-1]
         return [
             pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, part)])

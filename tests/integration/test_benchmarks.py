@@ -29,7 +29,7 @@ def test_ort_pipeline_matches_the_reference_pipeline(artifacts, reference_t8):
 
 
 def test_harness_measures_all_four_pipelines(artifacts, tmp_path):
-    argv = ["--views", "1", "--batch", "2", "--throughput-views", "2", "--latency-views", "1", "--bound-repeats", "1",
+    argv = ["--views", "1", "--batch", "2", "--throughput-views", "2", "--latency-views", "1", "--bound-repeats", "1", "--rounds", "2",
             "--artifacts", str(artifacts), "--out", str(tmp_path), *TINY_IMAGES]
     assert harness.main(argv) == 0
     report = json.loads((tmp_path / "harness.json").read_text())
