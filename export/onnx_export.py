@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from export.checks import check_batch, ort_session
-from lesionserve.models import load_checkpoint
+from lesionserve.models import load_checkpoint, trained_input_size
 from lesionserve.spec import BACKBONE_INPUT, BACKBONE_OUTPUT
 
 INPUT_NAME = BACKBONE_INPUT
@@ -48,8 +48,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, atol: float = DEFAULT_A
     start = time.perf_counter()
     spec, model, payload = load_checkpoint(checkpoint)
     # The resolution the model was trained at (reduced-resolution CPU runs differ from the spec);
-    # assembly refuses a model whose resolution differs from the repository's.
-    size = int((payload.get("config") or {}).get("input_size") or spec.input_size)
+    # assembly serves the model at the size of this file's input.
+    size = trained_input_size(payload, spec)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".onnx.tmp")

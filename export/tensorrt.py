@@ -105,8 +105,13 @@ class Profile:
         }
 
 
-def engine_profile(backbone: str, opt_batch: int = DEFAULT_OPT_BATCH, max_batch: int = BACKBONE_MAX_BATCH) -> Profile:
-    """The profile for ``backbone``: batch 1 .. max_batch, which must hold a whole request's fan-out."""
+def engine_profile(
+    backbone: str, opt_batch: int = DEFAULT_OPT_BATCH, max_batch: int = BACKBONE_MAX_BATCH, input_size: int | None = None
+) -> Profile:
+    """The profile for ``backbone``: batch 1 .. max_batch, which must hold a whole request's fan-out.
+
+    ``input_size``: the side the ONNX file takes (its trained size, see onnx_input_size); default the spec's.
+    """
     needed = ENSEMBLE_MAX_BATCH * max(ALLOWED_VIEWS)
     if max_batch < needed:
         raise ValueError(
@@ -115,7 +120,18 @@ def engine_profile(backbone: str, opt_batch: int = DEFAULT_OPT_BATCH, max_batch:
         )
     if not 1 <= opt_batch <= max_batch:
         raise ValueError(f"opt batch must lie in [1, {max_batch}], got {opt_batch}")
-    return Profile(BACKBONE_INPUT, get_backbone(backbone).input_size, 1, opt_batch, max_batch)
+    return Profile(BACKBONE_INPUT, input_size or get_backbone(backbone).input_size, 1, opt_batch, max_batch)
+
+
+def onnx_input_size(onnx_path: str | Path) -> int:
+    """Side S of the ONNX backbone's [batch, 3, S, S] input: the size it was trained at, which
+    export.assemble serves it at, so the engine's profile must use it too."""
+    from export.checks import ort_session  # onnxruntime: in the builder image, unlike onnx
+
+    shape = ort_session(onnx_path, threads=1).get_inputs()[0].shape
+    if len(shape) != 4 or shape[1] != 3 or not isinstance(shape[2], int) or shape[2] != shape[3]:
+        raise EngineBuildError(f"{onnx_path}: input shape {shape}; expected [batch, 3, S, S] with a fixed square S")
+    return int(shape[2])
 
 
 def workspace_bytes(gigabytes: float) -> int:
@@ -413,7 +429,7 @@ class EngineOptions:
 def build_backbone(backbone: str, onnx_path: Path, plan_path: Path, options: EngineOptions) -> dict[str, Any]:
     """Build, check and install one engine (or keep a current one); returns its model.plan.json content."""
     trt = _import_tensorrt()
-    profile = engine_profile(backbone, options.opt_batch)
+    profile = engine_profile(backbone, options.opt_batch, input_size=onnx_input_size(onnx_path))
     device = device_info()
     onnx_sha = file_sha256(onnx_path)
     meta_path = plan_path.with_name(plan_path.name + ".json")
@@ -515,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_trtexec:
         for b in args.backbones:
             onnx = (args.artifacts / b / "model.onnx") if args.artifacts else repository / b / "1" / "model.onnx"
-            command = trtexec_command(onnx, repository / b / "1" / PLAN_FILE, engine_profile(b, args.opt_batch), args.workspace_gb, args.timing_cache)
+            size = onnx_input_size(onnx) if onnx.is_file() else None  # no file yet: the spec's size
+            command = trtexec_command(onnx, repository / b / "1" / PLAN_FILE, engine_profile(b, args.opt_batch, input_size=size), args.workspace_gb, args.timing_cache)
             print(" ".join(command))
         return 0
     options = EngineOptions(args.workspace_gb, args.timing_cache, args.opt_batch, args.check_images,

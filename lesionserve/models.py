@@ -40,3 +40,23 @@ def load_checkpoint(path: str | Path) -> tuple[BackboneSpec, torch.nn.Module, di
     model = create_backbone(spec.name)
     model.load_state_dict(payload["state_dict"], strict=True)
     return spec, model.eval(), payload
+
+
+def trained_input_size(payload: dict[str, Any], spec: BackboneSpec) -> int:
+    """The side length a checkpoint was trained at (its resolved training config), else the spec's.
+
+    Export, assembly and the runtimes all serve a model at this size: a model trained at 128 px
+    is served at 128 px.
+    """
+    return int((payload.get("config") or {}).get("input_size") or spec.input_size)
+
+
+def checkpoint_input_size(path: str | Path) -> int:
+    """trained_input_size of the checkpoint at ``path``, without building the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a LesionServe checkpoint (format {CHECKPOINT_FORMAT})")
+    return trained_input_size(payload, get_backbone(payload["backbone"]))

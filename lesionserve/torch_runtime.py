@@ -120,8 +120,8 @@ def load_torch_backbone(
     buckets: Sequence[int] = DEFAULT_BUCKETS,
 ) -> tuple[str, TorchBackbone]:
     """(backbone name, runner) from a training checkpoint, at the resolution it was trained at."""
-    from lesionserve.models import load_checkpoint  # timm: only the torch variant needs it
+    from lesionserve.models import load_checkpoint, trained_input_size  # timm: only the torch variant needs it
 
     spec, model, payload = load_checkpoint(checkpoint)
-    size = int((payload.get("config") or {}).get("input_size") or spec.input_size)
+    size = trained_input_size(payload, spec)
     return spec.name, TorchBackbone(model, size, device=device, half=half, cuda_graphs=cuda_graphs, buckets=buckets)

@@ -285,7 +285,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         # The reference pipeline evaluates each model at the resolution it was trained at.
         note = f"{b} (weight {result['calibration']['weights'].get(b, float('nan')):.3f}, evaluated at {size}px"
         if size != served:
-            note += f"; **the model repository serves {served}px**, so this model is not servable as is"
+            note += f"; the committed repository serves {served}px: serve it with `export.assemble --out`, which rewrites the copy for {size}px"
         backbone_notes.append(note + ")")
     lines.append("- backbones: " + "; ".join(backbone_notes))
     thresholds = result["calibration"]["thresholds"]

@@ -1,7 +1,10 @@
 """Session fixtures: exported artifacts, and real tritonserver processes on free loopback ports.
 
 The backbones are randomly initialised (seeded) with their classifier heads rescaled so that the
-probabilities are far from uniform: parity is then a meaningful check, and no training is needed.
+probabilities are far from uniform: parity is then a meaningful check, and no training is needed
+(export.random_artifacts). ``artifacts`` are at the native sizes (224/224/300); ``small_artifacts``
+are "trained" at 64 px and so served at 64 px, ~10x cheaper per view: the fault, soak and TLS
+tests use them, where what matters is the serving machinery, not the resolution.
 """
 from __future__ import annotations
 
@@ -10,15 +13,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from export.assemble import assemble
-from export.onnx_export import export_onnx
+from export.random_artifacts import build_random_artifacts
 from lesionserve.calibration import Calibration
-from lesionserve.models import create_backbone, save_checkpoint
 from lesionserve.reference import ReferencePipeline
 from lesionserve.server import TritonServer
-from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
+from lesionserve.spec import CLASS_NAMES
 from training.synthetic import render_lesion
 
 #: Fixed thresholds low enough that they fire on some test images, so the decision path is exercised.
@@ -28,29 +29,31 @@ TEST_CALIBRATION = Calibration(
     threshold_order=("AKIEC", "MEL"),
     meta={"source": "integration-test fixture"},
 )
-
-
-def _spread_head(model: torch.nn.Module, size: int, target_std: float = 2.0) -> None:
-    """Rescale the classifier so logits on image-like input have std ~target_std."""
-    x = torch.randn(4, 3, size, size)
-    with torch.no_grad():
-        std = model.eval()(x).std().item()
-        head = model.get_classifier()
-        head.weight.mul_(target_std / max(std, 1e-6))
-        head.bias.normal_(0, 0.5)
+#: Side length the small artifacts are trained and served at.
+SMALL_INPUT_SIZE = 64
 
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("artifacts")
-    torch.manual_seed(0)
-    for name in BACKBONE_NAMES:
-        model = create_backbone(name)
-        _spread_head(model, 224 if name != "efficientnet_b3" else 300)
-        save_checkpoint(root / name / "checkpoint.pt", name, model)
-        export_onnx(root / name / "checkpoint.pt", root / name / "model.onnx")
-    TEST_CALIBRATION.save(root / "calibration.json")
-    return root
+    return build_random_artifacts(tmp_path_factory.mktemp("artifacts"), TEST_CALIBRATION)
+
+
+@pytest.fixture(scope="session")
+def small_artifacts(tmp_path_factory) -> Path:
+    return build_random_artifacts(tmp_path_factory.mktemp("artifacts64"), TEST_CALIBRATION, input_size=SMALL_INPUT_SIZE)
+
+
+@pytest.fixture(scope="session")
+def small_repository(small_artifacts, tmp_path_factory) -> Path:
+    """The committed repository with the 64 px artifacts, T=1 (configs rewritten for 64 px)."""
+    return assemble(small_artifacts, out=tmp_path_factory.mktemp("repo64") / "model_repository", views=1)
+
+
+@pytest.fixture(scope="session")
+def server_small(small_repository):
+    server = TritonServer(small_repository, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=180).start()
+    yield server
+    server.stop()
 
 
 def _start(artifacts: Path, tmp_path_factory, views: int):

@@ -40,3 +40,24 @@ def test_export_onnx_raises_and_leaves_no_file_when_tolerance_not_met(checkpoint
 def test_export_onnx_raises_when_checkpoint_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         export_onnx(tmp_path / "none.pt", tmp_path / "m.onnx")
+
+
+def test_export_onnx_takes_the_trained_size_from_the_checkpoint_when_trained_smaller(tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "c.pt", "resnet50", create_backbone("resnet50"), {"config": {"input_size": 64}})
+    report = export_onnx(tmp_path / "c.pt", tmp_path / "m.onnx")
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert report.input_size == 64 and dims == ["batch", 3, 64, 64]
+
+
+def test_random_artifacts_record_and_serve_the_given_input_size_when_asked(tmp_path):
+    from export.assemble import served_input_sizes
+    from export.random_artifacts import build_random_artifacts
+    from lesionserve.models import checkpoint_input_size
+    from lesionserve.spec import BACKBONE_NAMES
+
+    with pytest.raises(ValueError, match="input_size must be >= 32"):
+        build_random_artifacts(tmp_path / "tiny", input_size=16)
+    artifacts = build_random_artifacts(tmp_path / "a", input_size=32)
+    assert served_input_sizes(artifacts, checkpoints=True) == {b: 32 for b in BACKBONE_NAMES}
+    assert checkpoint_input_size(artifacts / "resnet50" / "checkpoint.pt") == 32

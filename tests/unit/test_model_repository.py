@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2
 
-from export.assemble import DEFAULT_REPOSITORY, AssembleError, assemble, set_views
+from export.assemble import DEFAULT_REPOSITORY, AssembleError, assemble, set_input_sizes, set_views
 from lesionserve.calibration import Calibration
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_NAMES, BACKBONES, CLASS_NAMES, GPU_VARIANTS, NUM_CLASSES, input_sizes
 from lesionserve.triton_config import square_size
@@ -83,11 +83,29 @@ def tiny_onnx(path: Path, size: int, input_name: str = "pixel_values") -> bytes:
     return path.read_bytes()
 
 
-def _fake_artifacts(root: Path) -> Path:
+def _fake_artifacts(root: Path, sizes: dict[str, int] | None = None) -> Path:
     for b in BACKBONE_NAMES:
-        tiny_onnx(root / b / "model.onnx", BACKBONES[b].input_size)
+        tiny_onnx(root / b / "model.onnx", (sizes or {}).get(b, BACKBONES[b].input_size))
     Calibration.uniform().save(root / "calibration.json")
     return root
+
+
+def _checkpoint(path: Path, backbone: str, input_size: int) -> None:
+    """A checkpoint payload with the fields assembly reads (format, backbone, trained size); no weights."""
+    import torch
+
+    from lesionserve.models import CHECKPOINT_FORMAT
+
+    torch.save({"format": CHECKPOINT_FORMAT, "backbone": backbone, "config": {"input_size": input_size}}, path)
+
+
+def _committed_copy(tmp_path: Path) -> Path:
+    """The committed configs and code, to assemble in place without touching the real repository."""
+    import shutil
+
+    copy = tmp_path / "committed"
+    shutil.copytree(DEFAULT_REPOSITORY, copy, ignore=shutil.ignore_patterns("*.onnx", "*.pt", "*.plan*", "calibration.json", "__pycache__"))
+    return copy
 
 
 def test_assemble_copies_repository_and_artifacts_when_out_given(tmp_path):
@@ -108,10 +126,14 @@ def test_assemble_places_checkpoints_when_asked_and_lists_missing_ones(tmp_path)
     with pytest.raises(AssembleError, match="resnet50/checkpoint.pt"):
         assemble(artifacts, out=tmp_path / "repo", checkpoints=True)
     for b in BACKBONE_NAMES:
-        (artifacts / b / "checkpoint.pt").write_bytes(f"weights of {b}".encode())
+        _checkpoint(artifacts / b / "checkpoint.pt", b, BACKBONES[b].input_size)
+    (artifacts / "resnet50" / "checkpoint.pt").write_bytes(b"weights of resnet50")
+    with pytest.raises(AssembleError, match="resnet50/checkpoint.pt: not a readable LesionServe checkpoint"):
+        assemble(artifacts, out=tmp_path / "repo", checkpoints=True)
+    _checkpoint(artifacts / "resnet50" / "checkpoint.pt", "resnet50", 224)
     repo = assemble(artifacts, out=tmp_path / "repo", checkpoints=True)
     for b in BACKBONE_NAMES:
-        assert (repo / b / "1" / "checkpoint.pt").read_bytes() == f"weights of {b}".encode()
+        assert (repo / b / "1" / "checkpoint.pt").read_bytes() == (artifacts / b / "checkpoint.pt").read_bytes()
 
 
 def test_assemble_lists_every_missing_artifact_when_incomplete(tmp_path):
@@ -124,14 +146,84 @@ def test_assemble_lists_every_missing_artifact_when_incomplete(tmp_path):
     assert not (tmp_path / "repo").exists()  # nothing half-built
 
 
-def test_assemble_refuses_model_trained_at_other_resolution_when_sizes_differ(tmp_path):
+def test_assemble_refuses_onnx_files_the_repository_cannot_serve_listing_each(tmp_path):
     artifacts = _fake_artifacts(tmp_path / "art")
-    tiny_onnx(artifacts / "efficientnet_b3" / "model.onnx", 160)
     tiny_onnx(artifacts / "resnet50" / "model.onnx", 224, input_name="input.1")
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 160, 128])  # not square
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 7])
+    graph = helper.make_graph([helper.make_node("Identity", ["pixel_values"], ["logits"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph), str(artifacts / "efficientnet_b3" / "model.onnx"))
     with pytest.raises(AssembleError) as info:
         assemble(artifacts, out=tmp_path / "repo")
-    assert "efficientnet_b3 at [batch, 3, 300, 300]" in str(info.value)
     assert "'input.1' -> 'logits', expected 'pixel_values'" in str(info.value)
+    assert "input shape ['batch', 3, 160, 128]; efficientnet_b3 must take [batch, 3, S, S]" in str(info.value)
+    assert not (tmp_path / "repo").exists()
+
+
+SMALL = {"resnet50": 64, "densenet121": 96, "efficientnet_b3": 64}
+
+
+def test_assemble_serves_each_backbone_at_its_trained_size_when_sizes_differ_from_repository(tmp_path):
+    repo = assemble(_fake_artifacts(tmp_path / "art", SMALL), out=tmp_path / "repo", views=2)
+    # One tensor per distinct size: resnet50 and efficientnet_b3 share the 64 px views.
+    pre = load_config("preprocess", repo)
+    assert {o.name: list(o.dims) for o in pre.output} == {"pixel_values_64": [3, 64, 64], "pixel_values_96": [3, 96, 96]}
+    tta = load_config("tta", repo)
+    assert {i.name: list(i.dims) for i in tta.input} == {"pixel_values_64": [-1, 3, 64, 64], "pixel_values_96": [-1, 3, 96, 96]}
+    assert [o.name for o in tta.output] == ["views_64", "views_96", "num_views"]
+    assert tta.parameters["views"].string_value == "2"  # the view count is still applied
+    steps = {s.model_name: s for s in load_config("lesion_ensemble", repo).ensemble_scheduling.step}
+    assert dict(steps["preprocess"].output_map) == {"pixel_values_64": "pixel_values_64", "pixel_values_96": "pixel_values_96"}
+    assert dict(steps["tta"].output_map) == {"views_64": "views_64", "views_96": "views_96", "num_views": "num_views"}
+    for b, size in SMALL.items():
+        assert steps[b].input_map["pixel_values"] == f"views_{size}"
+        for variant in (None, *GPU_VARIANTS):
+            assert list(load_config(b, repo, variant).input[0].dims) == [3, size, size]
+        ort_trt = load_config(b, repo, "gpu_ort").optimization.execution_accelerators.gpu_execution_accelerator[0]
+        assert ort_trt.parameters["trt_profile_max_shapes"] == f"pixel_values:64x3x{size}x{size}"
+    for variant in GPU_VARIANTS:  # GPU variants keep their instance kind, get the same tensors
+        gpu_pre = load_config("preprocess", repo, variant)
+        assert [o.name for o in gpu_pre.output] == ["pixel_values_64", "pixel_values_96"]
+        assert gpu_pre.instance_group[0].kind == gpu_pre.instance_group[0].KIND_GPU
+    assert load_config("fusion", repo) == load_config("fusion")  # nothing size-dependent: untouched
+    assert (repo / "fusion" / "config.pbtxt").read_text() == (DEFAULT_REPOSITORY / "fusion" / "config.pbtxt").read_text()
+    assert [o.name for o in load_config("preprocess").output] == ["pixel_values_224", "pixel_values_300"]  # committed one untouched
+
+
+def test_assemble_keeps_committed_configs_byte_identical_when_trained_at_native_sizes(tmp_path):
+    repo = assemble(_fake_artifacts(tmp_path / "art"), out=tmp_path / "repo")
+    for config in DEFAULT_REPOSITORY.glob("*/config*.pbtxt"):
+        assert (repo / config.relative_to(DEFAULT_REPOSITORY)).read_text() == config.read_text()
+    for config in DEFAULT_REPOSITORY.glob("*/configs/*.pbtxt"):
+        assert (repo / config.relative_to(DEFAULT_REPOSITORY)).read_text() == config.read_text()
+
+
+def test_assemble_refuses_in_place_naming_sizes_when_trained_size_differs_from_repository(tmp_path):
+    committed = _committed_copy(tmp_path)
+    before = {p: p.read_text() for p in committed.rglob("*.pbtxt")}
+    with pytest.raises(AssembleError) as info:
+        assemble(_fake_artifacts(tmp_path / "art", {"efficientnet_b3": 128}), committed)
+    assert "efficientnet_b3 128 px (repository: 300)" in str(info.value) and "--out DIR" in str(info.value)
+    assert "resnet50" not in str(info.value)
+    assert {p: p.read_text() for p in committed.rglob("*.pbtxt")} == before
+    assert not any(committed.rglob("model.onnx"))
+
+
+def test_assemble_refuses_checkpoint_whose_trained_size_differs_from_its_onnx_when_checkpoints_asked(tmp_path):
+    artifacts = _fake_artifacts(tmp_path / "art", {b: 64 for b in BACKBONE_NAMES})
+    for b in BACKBONE_NAMES:
+        _checkpoint(artifacts / b / "checkpoint.pt", b, 96 if b == "densenet121" else 64)
+    with pytest.raises(AssembleError, match=r"densenet121/checkpoint.pt was trained at 96 px but .*densenet121/model.onnx takes 64 px"):
+        assemble(artifacts, out=tmp_path / "repo", checkpoints=True)
+    assemble(artifacts, out=tmp_path / "repo")  # without checkpoints the ONNX files alone decide
+
+
+def test_set_input_sizes_raises_when_backbone_unknown_or_size_not_positive(tmp_path):
+    repo = _committed_copy(tmp_path)
+    with pytest.raises(AssembleError, match="unknown backbone.*vgg16; choose from resnet50"):
+        set_input_sizes(repo, {"vgg16": 64})
+    with pytest.raises(AssembleError, match="positive integers"):
+        set_input_sizes(repo, {"resnet50": 0})
 
 
 def test_set_views_raises_when_count_not_allowed(tmp_path):

@@ -17,6 +17,7 @@ from export.tensorrt import (
     engine_profile,
     format_build_errors,
     main,
+    onnx_input_size,
     onnx_sources,
     plan_is_current,
     trtexec_command,
@@ -111,6 +112,23 @@ def test_cli_prints_trtexec_lines_without_tensorrt_when_asked(capsys, tmp_path):
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"trtexec --onnx={tmp_path}/densenet121/1/model.onnx --saveEngine={tmp_path}/densenet121/1/model.plan")
     assert "--maxShapes=pixel_values:64x3x224x224" in line
+
+
+def test_engine_profile_uses_the_onnx_files_trained_size_when_it_differs_from_spec(tmp_path, capsys):
+    import onnx
+
+    path = tmp_path / "efficientnet_b3" / "1" / "model.onnx"
+    tiny_onnx(path, 64)
+    model = onnx.load(str(path))
+    # What torch's exporter writes (IR 8, opset 17): onnx's newest defaults are past this onnxruntime.
+    model.ir_version = 8
+    model.opset_import[0].version = 17
+    onnx.save(model, str(path))
+    assert onnx_input_size(tmp_path / "efficientnet_b3" / "1" / "model.onnx") == 64
+    assert engine_profile("efficientnet_b3", input_size=64).shape(64) == (64, 3, 64, 64)
+    assert main(["--print-trtexec", "--repository", str(tmp_path), "--backbones", "efficientnet_b3"]) == 0
+    line = capsys.readouterr().out
+    assert "--minShapes=pixel_values:1x3x64x64" in line and "--maxShapes=pixel_values:64x3x64x64" in line
 
 
 @pytest.mark.parametrize("variant", ["gpu_ort", "gpu_torch"])
