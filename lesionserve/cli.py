@@ -28,6 +28,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         help="serve a GPU variant: configs/<NAME>.pbtxt where a model has one "
                              f"({', '.join(GPU_VARIANTS)}); this bundled Triton runs gpu_torch (python backend only)")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness (default %(default)s)")
+    parser.add_argument("--grpc-ssl-cert", type=Path, metavar="PEM",
+                        help="serve gRPC over TLS only, with this server certificate (needs --grpc-ssl-key); "
+                             "clients then pass --ssl --root-certificates CA.pem")
+    parser.add_argument("--grpc-ssl-key", type=Path, metavar="PEM", help="the certificate's private key (never printed or logged)")
+    parser.add_argument("--admin-apis", action="store_true",
+                        help="open Triton's shared-memory, model-repository, trace and logging APIs, closed by default "
+                             "(a request could otherwise map the server's shared memory); no LesionServe client needs them")
 
 
 def server_from_args(args: argparse.Namespace) -> TritonServer:
@@ -39,6 +46,9 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
         metrics_port=args.metrics_port,
         model_config_name=args.model_config_name,
         startup_timeout=args.startup_timeout,
+        ssl_cert=args.grpc_ssl_cert,
+        ssl_key=args.grpc_ssl_key,
+        admin_apis=args.admin_apis,
     )
 
 
@@ -64,11 +74,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if (args.grpc_ssl_cert is None) != (args.grpc_ssl_key is None):
+        print("error: --grpc-ssl-cert and --grpc-ssl-key go together (TLS needs both), or neither for plain gRPC", file=sys.stderr)
+        return 2
     if args.artifacts:
-        from export.assemble import assemble
+        from export.assemble import AssembleError, assemble
 
         checkpoints = bool(args.model_config_name) and get_variant(args.model_config_name).needs_checkpoints
-        assemble(args.artifacts, args.repository, checkpoints=checkpoints)
+        try:
+            assemble(args.artifacts, args.repository, checkpoints=checkpoints)
+        except AssembleError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"assembled {args.artifacts} into {args.repository}")
     server = server_from_args(args)
     # Ctrl-C and SIGTERM (kill, container stop) both stop the server cleanly, even where the shell
@@ -77,11 +94,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.start()
-        print(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, log {server.log_path}")
-        print("Ctrl-C to stop.")
+        grpc = f"gRPC {server.grpc_url}" + (" (TLS)" if server.tls else "")
+        print(f"tritonserver ready: {grpc}, HTTP {server.http_url}, log {server.log_path}", flush=True)
+        print("Ctrl-C to stop.", flush=True)
         while server.process.poll() is None:
+            dead = server.dead_stubs()
+            if dead:
+                # Triton would stay "ready" and fail every request to that model: exit loudly instead,
+                # so that whatever supervises this command restarts a whole server.
+                names = ", ".join(f"{stub.name} (pid {stub.pid})" for stub in dead)
+                print(f"error: python backend stub {names} died; Triton does not restart stubs and would fail "
+                      f"every request to it ('Stub process ... is not healthy'): stopping tritonserver", file=sys.stderr)
+                server.stop()
+                return 1
             time.sleep(0.5)
         print(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}", file=sys.stderr)
+        server.stop()  # its stubs and shared memory
         return server.process.returncode or 1
     except ServerStartError as exc:
         print(f"error: {exc}", file=sys.stderr)

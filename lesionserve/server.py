@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lesionserve.processes import StubProcess, mapped_shm_regions, python_stubs, remove_shm_regions
 from lesionserve.spec import GPU_VARIANTS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +34,18 @@ CUDA_POOL_BYTES = 1024 * 1024 * 1024
 #: Log lines that mean a model will never load. Triton usually exits on them (--exit-on-error), but
 #: some python-backend failures (e.g. a missing model.py) leave the load hanging: we stop it ourselves.
 FATAL_LOG_MARKERS = ("failed to load '", "Failed to preinitialize Python stub")
+
+
+#: Triton APIs no LesionServe client needs, closed by default (``admin_apis=False``): system shared
+#: memory (a request could map any /dev/shm object by name, the python backend's own regions of
+#: patients' pixels included, and have outputs written into it), the repository API, trace and logging.
+#: The SDK needs only health, metadata, model-config, inference (and statistics stays open for benchmarks).
+RESTRICTED_APIS = ("shared-memory", "model-repository", "trace", "logging")
+#: Header a request would need to use a restricted API (over gRPC Triton expects it prefixed with
+#: ``triton-grpc-protocol-``); its value is random per start and never printed or logged.
+RESTRICTED_HEADER = "lesionserve-admin"
+#: Seconds a stub may take to exit by itself once its server is gone, before it is killed.
+STUB_EXIT_GRACE = 5.0
 
 
 class ServerStartError(RuntimeError):
@@ -107,7 +121,9 @@ def free_port() -> int:
 class TritonServer:
     """A tritonserver process: ``with TritonServer(repo) as server: ...`` starts, waits, stops.
 
-    Ports of 0 pick free ones. Binds to ``host`` (loopback by default); model control API off.
+    Safe by default: ports of 0 pick free ones; binds to ``host`` (loopback by default); model control
+    API off; the APIs in RESTRICTED_APIS closed unless ``admin_apis``. ``ssl_cert`` + ``ssl_key``
+    (PEM files) serve gRPC over TLS only. ``stop`` leaves no stub process or shared-memory region behind.
     """
 
     repository: Path
@@ -118,14 +134,30 @@ class TritonServer:
     model_config_name: str | None = None
     log_path: Path | None = None
     startup_timeout: float = 300.0
+    ssl_cert: Path | None = None
+    ssl_key: Path | None = None
+    admin_apis: bool = False
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository).resolve()
+        self.log_path = Path(self.log_path) if self.log_path is not None else None
+        if (self.ssl_cert is None) != (self.ssl_key is None):
+            raise ValueError("TLS needs both ssl_cert and ssl_key (PEM files), or neither for plain gRPC")
+        self.ssl_cert = Path(self.ssl_cert) if self.ssl_cert is not None else None
+        self.ssl_key = Path(self.ssl_key) if self.ssl_key is not None else None
         self.grpc_port = self.grpc_port or free_port()
         self.http_port = self.http_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
+        # Never printed or logged: a request would need it to use a restricted API.
+        self._restricted_value = secrets.token_hex(16)
+        self._stubs_at_ready: list[StubProcess] = []
+        self._shm_regions: set[str] = set()
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_cert is not None
 
     @property
     def grpc_url(self) -> str:
@@ -153,6 +185,11 @@ class TritonServer:
             f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
             "--log-verbose=0",
         ]
+        if not self.admin_apis:
+            restricted = f"{','.join(RESTRICTED_APIS)}:{RESTRICTED_HEADER}={self._restricted_value}"
+            cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
+        if self.tls:
+            cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={self.ssl_cert}", f"--grpc-server-key={self.ssl_key}"]
         if self.model_config_name:
             cmd.append(f"--model-config-name={self.model_config_name}")
         if self.model_config_name in GPU_VARIANTS:
@@ -162,6 +199,12 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if not self.repository.is_dir():
             raise ServerStartError(f"model repository not found: {self.repository}")
+        for what, path in (("TLS certificate", self.ssl_cert), ("TLS private key", self.ssl_key)):
+            # Named by path only: the key's content must never reach a message or a log.
+            if path is not None and not path.is_file():
+                raise ServerStartError(f"{what} not found: {path} (a PEM file is needed)")
+            if path is not None and not os.access(path, os.R_OK):
+                raise ServerStartError(f"{what} not readable: {path}")
         if self.log_path is None:
             self.log_path = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         log = open(self.log_path, "wb")
@@ -201,11 +244,14 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()  # the stubs it had started, and their regions, must not outlive it
                 raise ServerStartError(
                     f"tritonserver exited with code {self.process.returncode} while loading {self.repository}:\n"
                     f"{self.model_errors()}\n(full log: {self.log_path})"
                 )
             if self.is_ready():
+                self._stubs_at_ready = self.stubs()
+                self._remember_shm_regions()
                 return
             if self._log_has_fatal_marker():
                 errors = self.model_errors()
@@ -219,17 +265,66 @@ class TritonServer:
         text = self.log_path.read_text(errors="replace") if self.log_path else ""
         return any(marker in text for marker in FATAL_LOG_MARKERS)
 
+    def stubs(self) -> list[StubProcess]:
+        """The live python-backend stub processes of this server (also after it died)."""
+        if self.process is None:
+            return []
+        return python_stubs(self.process.pid, self.repository)
+
+    def dead_stubs(self) -> list[StubProcess]:
+        """Stubs running when the server became ready that have died since.
+
+        Triton 2.51 does not restart a dead stub: it keeps reporting the server and the model ready
+        while every request to that model fails with "Stub process '<name>' is not healthy."
+        """
+        return [stub for stub in self._stubs_at_ready if not stub.alive()]
+
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (Triton unloads models and exits), then SIGKILL the group if it hangs."""
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        """SIGTERM (Triton unloads models and exits), then SIGKILL the group if it hangs.
+
+        Then no stub of this server survives (a stub can outlive a SIGKILLed server) and no
+        shared-memory region of it stays in /dev/shm (a killed stub cannot remove its own).
+        """
+        if self.process is None:
+            return None
+        self._remember_shm_regions()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._reap_stubs()
+        remove_shm_regions(self._shm_regions)
         return self.process.returncode
+
+    @property
+    def shm_regions(self) -> set[str]:
+        """Names (in /dev/shm) of the python-backend regions this server is known to have used."""
+        return set(self._shm_regions)
+
+    def _remember_shm_regions(self) -> None:
+        """Record the regions of the live stubs, and those the server maps: a stub that failed to
+        start is gone, but the server still maps the region it made for it (which would leak)."""
+        self._shm_regions |= {stub.shm_region for stub in self.stubs()}
+        if self.process is not None and self.process.poll() is None:
+            self._shm_regions |= mapped_shm_regions(self.process.pid)
+
+    def _reap_stubs(self) -> None:
+        """Give orphaned stubs STUB_EXIT_GRACE seconds to notice their server is gone, then SIGKILL them."""
+        deadline = time.monotonic() + STUB_EXIT_GRACE
+        while (left := self.stubs()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for stub in left:
+            if stub.alive():  # checked again: the pid must still be this stub's
+                try:
+                    os.kill(stub.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + STUB_EXIT_GRACE
+        while self.stubs() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Optional, Sequence, TextIO
 
-from .client import DEFAULT_MODEL, DEFAULT_URL, LesionClient, validate_url
+from .client import DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_URL, LesionClient, validate_url
 from .errors import LesionServeError, ServerUnavailableError
 from .results import LesionResult
 
@@ -24,13 +24,14 @@ Output: one table row per image (label, its confidence, the top-3 classes with t
 probabilities, and the classes whose decision threshold fired), or a JSON list with --json.
 
 Exit status: 0 on success, 2 on an error (bad input, undecodable image, server error,
-timeout), 3 when the server cannot be reached.
+timeout, unusable CA file), 3 when the server cannot be reached (after the retries).
 """
 
 _CLASSIFY_EPILOG = """\
 examples:
   python -m lesionserve_client classify lesion.jpg
   python -m lesionserve_client classify *.png --url triton.example.org:8001 --json
+  python -m lesionserve_client classify lesion.jpg --url triton.example.org:8001 --ssl --root-certificates ca.pem
 """
 
 
@@ -51,6 +52,17 @@ def _seconds(value: str) -> float:
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return seconds
+
+
+def _count(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     classify.add_argument("--model", default=DEFAULT_MODEL, help=f"ensemble model name (default: {DEFAULT_MODEL})")
     classify.add_argument(
-        "--timeout", type=_seconds, default=60.0, metavar="S", help="per-request timeout in seconds (default: 60)"
+        "--timeout", type=_seconds, default=60.0, metavar="S",
+        help="per-request timeout in seconds, retries included (default: 60)",
+    )
+    classify.add_argument(
+        "--retries", type=_count, default=DEFAULT_RETRIES, metavar="N",
+        help=f"retries, with exponential backoff, while the server is unavailable (default: {DEFAULT_RETRIES})",
+    )
+    classify.add_argument("--ssl", action="store_true", help="connect over TLS (the server runs with --grpc-ssl-cert)")
+    classify.add_argument(
+        "--root-certificates", metavar="CA.pem",
+        help="PEM file of the CA that signed the server's certificate (with --ssl; default: the system's CAs)",
     )
     classify.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     return parser
@@ -94,8 +116,8 @@ def format_table(images: Sequence[str], results: Sequence[LesionResult]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
-def _classify(args: argparse.Namespace, out: TextIO) -> None:
-    with LesionClient(args.url, model_name=args.model, timeout=args.timeout) as client:
+def _classify(args: argparse.Namespace, client: LesionClient, out: TextIO) -> None:
+    with client:
         results = client.classify(args.images)
     if args.json:
         payload = [{"image": image, **result.to_dict()} for image, result in zip(args.images, results)]
@@ -107,10 +129,21 @@ def _classify(args: argparse.Namespace, out: TextIO) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.root_certificates is not None and not args.ssl:
+        parser.error("--root-certificates is only used over TLS: add --ssl")
+    try:
+        client = LesionClient(
+            args.url, model_name=args.model, timeout=args.timeout, retries=args.retries,
+            ssl=args.ssl, root_certificates=args.root_certificates,
+        )
+    except (OSError, ValueError) as exc:  # an unusable CA file: the message names it, never its content
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     try:
         if args.command == "classify":
-            _classify(args, sys.stdout)
+            _classify(args, client, sys.stdout)
     except LesionServeError as exc:
         # Collapse whitespace: server messages can span several lines, the report must not.
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)

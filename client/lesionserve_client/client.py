@@ -1,25 +1,77 @@
 """LesionClient: classify skin-lesion images against the LesionServe Triton ensemble over gRPC."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union, overload, Literal
 
 import numpy as np
-from tritonclient.grpc import InferenceServerClient, InferInput, InferRequestedOutput
+from tritonclient.grpc import (
+    MAX_GRPC_MESSAGE_SIZE,
+    InferenceServerClient,
+    InferInput,
+    InferRequestedOutput,
+    KeepAliveOptions,
+)
 from tritonclient.utils import InferenceServerException
 
 from .config import ModelInfo, parse_model_config
 from .encoding import ImageInput, to_image_bytes
-from .errors import ImageError, InvalidImageError, UndecodableImageError, map_server_error
+from .errors import ImageError, InvalidImageError, ServerUnavailableError, UndecodableImageError, map_server_error
 from .results import OUTPUT_NAMES, LesionResult, parse_response
 
 DEFAULT_URL = "localhost:8001"
 DEFAULT_MODEL = "lesion_ensemble"
 INPUT_NAME = "raw_image"
+DEFAULT_RETRIES = 3
+DEFAULT_BACKOFF = 0.5
+DEFAULT_MAX_BACKOFF = 4.0
+#: gRPC's own reconnection backoff grows to 120 s by default, during which every call fails at once
+#: with UNAVAILABLE: capped so that a restarted server is found again within our retries.
+MAX_RECONNECT_BACKOFF_MS = 1000
+
+logger = logging.getLogger("lesionserve_client")
 
 _T = TypeVar("_T")
+
+
+def check_root_certificates(path: Union[str, "os.PathLike[str]"]) -> str:
+    """Check that ``path`` is a readable PEM file of CA certificates; return it as a string.
+
+    Errors name the path only, never the file's content.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"root_certificates file not found: {path!r}; give the PEM file of the CA that signed the server's certificate"
+        )
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as exc:
+        raise PermissionError(f"root_certificates file {path!r} is not readable: {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ValueError(f"root_certificates file {path!r} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return path
+
+
+def channel_args() -> list[tuple[str, Any]]:
+    """tritonclient's default channel options (passing any replaces them all) plus a capped reconnect backoff."""
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ]
 
 
 def validate_url(url: str) -> str:
@@ -38,7 +90,18 @@ class LesionClient:
     Large inputs are split into requests of at most ``max_images_per_request`` images (default
     and cap: the ensemble's ``max_batch_size``) that run concurrently on ``max_workers`` threads.
     The model config (class names, backbones, batch limit) is read once, on first use.
+
+    ``timeout`` bounds each call to the server in seconds, retries included: a call never takes
+    longer. A call that fails with ServerUnavailableError (server down, restarting, connection
+    lost) is retried up to ``retries`` times, after ``backoff`` seconds and then twice as long
+    each time (at most ``max_backoff``), while the timeout leaves room; nothing else is retried
+    (timeouts, bad images and server errors are raised at once). Inference has no side effect on
+    the server, so a retried request is safe. ``ssl=True`` speaks TLS; ``root_certificates``
+    is then the PEM file of the CA to trust (default: the system's).
     """
+
+    #: How retries wait; unit tests replace it to run without waiting.
+    _sleep = staticmethod(time.sleep)
 
     def __init__(
         self,
@@ -48,8 +111,11 @@ class LesionClient:
         max_workers: int = 4,
         max_images_per_request: Optional[int] = None,
         ssl: bool = False,
-        root_certificates: Optional[str] = None,
+        root_certificates: Optional[Union[str, "os.PathLike[str]"]] = None,
         verbose: bool = False,
+        retries: int = DEFAULT_RETRIES,
+        backoff: float = DEFAULT_BACKOFF,
+        max_backoff: float = DEFAULT_MAX_BACKOFF,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
@@ -57,18 +123,35 @@ class LesionClient:
             raise ValueError(f"max_workers must be >= 1, got {max_workers!r}")
         if max_images_per_request is not None and max_images_per_request < 1:
             raise ValueError(f"max_images_per_request must be >= 1, got {max_images_per_request!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0 (0 = no retry), got {retries!r}")
+        if not backoff > 0 or not max_backoff >= backoff:
+            raise ValueError(f"backoff must be > 0 and max_backoff >= backoff, got {backoff!r} and {max_backoff!r}")
+        if root_certificates is not None and not ssl:
+            raise ValueError("root_certificates is only used over TLS: pass ssl=True as well")
         self.url = validate_url(url)
         self.model_name = model_name
         self.timeout = float(timeout)
         self.max_workers = max_workers
         self.max_images_per_request = max_images_per_request
+        self.ssl = bool(ssl)
+        self.root_certificates = check_root_certificates(root_certificates) if root_certificates is not None else None
+        self.retries = retries
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
         self._client = InferenceServerClient(
-            url=url, verbose=verbose, ssl=ssl, root_certificates=root_certificates
+            url=url, verbose=verbose, ssl=self.ssl, root_certificates=self.root_certificates, channel_args=channel_args()
         )
         self._info: Optional[ModelInfo] = None
         self._executor: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
         self._closed = False
+
+    def __repr__(self) -> str:
+        # Paths and settings only: never certificate or key contents.
+        tls = f", ssl=True, root_certificates={self.root_certificates!r}" if self.ssl else ""
+        return (f"LesionClient(url={self.url!r}, model_name={self.model_name!r}, timeout={self.timeout:g}, "
+                f"retries={self.retries}{tls})")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -96,9 +179,7 @@ class LesionClient:
         """Class names, backbones and batch limit of the served ensemble (fetched once)."""
         with self._lock:
             if self._info is None:
-                config = self._call(
-                    self._client.get_model_config, self.model_name, as_json=True, client_timeout=self.timeout
-                )
+                config = self._call(self._client.get_model_config, self.model_name, as_json=True)
                 self._info = parse_model_config(config, self.model_name)
             return self._info
 
@@ -249,14 +330,38 @@ class LesionClient:
             self.model_name,
             inputs=[tensor],
             outputs=[InferRequestedOutput(name) for name in OUTPUT_NAMES],
-            client_timeout=self.timeout,
             offset=offset,
         )
         return parse_response(response, info, len(blobs))
 
+    def backoff_delays(self) -> list[float]:
+        """Seconds waited before each retry: ``backoff`` doubling up to ``max_backoff``."""
+        return [min(self.backoff * 2**attempt, self.max_backoff) for attempt in range(self.retries)]
+
     def _call(self, fn: Callable[..., _T], *args: Any, offset: int = 0, **kwargs: Any) -> _T:
-        """Run a tritonclient call, translating its exceptions in one place."""
-        try:
-            return fn(*args, **kwargs)
-        except InferenceServerException as exc:
-            raise map_server_error(exc, url=self.url, timeout=self.timeout, offset=offset) from exc
+        """Run a tritonclient call within ``timeout`` (retries included), translating its exceptions
+        in one place and retrying ServerUnavailableError with backoff."""
+        start = time.monotonic()
+        deadline = start + self.timeout
+        delays = self.backoff_delays()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn(*args, client_timeout=max(deadline - time.monotonic(), 0.001), **kwargs)
+            except InferenceServerException as exc:
+                error = map_server_error(exc, url=self.url, timeout=self.timeout, offset=offset)
+                if not isinstance(error, ServerUnavailableError):
+                    raise error from exc
+                delay = delays[attempt - 1] if attempt <= len(delays) else None
+                left = deadline - time.monotonic()
+                # A retry needs time to wait and then to be answered: never start one the timeout cuts off.
+                if delay is None or delay >= left:
+                    if attempt > 1:
+                        error = ServerUnavailableError(
+                            f"{error} (gave up after {attempt} attempts in {time.monotonic() - start:.1f}s; "
+                            f"retries={self.retries}, timeout={self.timeout:g}s)"
+                        )
+                    raise error from exc
+                logger.warning("%s; retry %d of %d in %.2fs", error, attempt, self.retries, delay)
+                self._sleep(delay)

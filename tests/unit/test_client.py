@@ -114,9 +114,13 @@ class FakeTritonClient:
     #: Optional exception raised by get_model_config.
     config_error: Optional[Exception] = None
 
-    def __init__(self, url: str, verbose: bool = False, ssl: bool = False, root_certificates: Any = None) -> None:
+    def __init__(
+        self, url: str, verbose: bool = False, ssl: bool = False, root_certificates: Any = None, channel_args: Any = None
+    ) -> None:
         self.url = url
         self.ssl = ssl
+        self.root_certificates = root_certificates
+        self.channel_args = dict(channel_args or [])
         self.closed = False
         self.config_calls = 0
         self.requests: list[list[bytes]] = []
@@ -173,6 +177,9 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> type[FakeTritonClient]:
     monkeypatch.setattr(FakeTritonClient, "on_infer", None)
     monkeypatch.setattr(FakeTritonClient, "config_error", None)
     monkeypatch.setattr(client_module, "InferenceServerClient", FakeTritonClient)
+    monkeypatch.setattr(FakeTritonClient, "sleeps", [], raising=False)
+    # Retries wait through this seam: recorded, not slept, so error tests stay instant.
+    monkeypatch.setattr(client_module.LesionClient, "_sleep", staticmethod(FakeTritonClient.sleeps.append))
     return FakeTritonClient
 
 
@@ -260,7 +267,8 @@ def test_classify_reads_model_config_once_when_called_repeatedly(fake):
         assert client.backbones == BACKBONES
     server = fake.instances[0]
     assert server.config_calls == 1
-    assert server.timeouts == [7.5, 7.5, 7.5]
+    # Each call gets what is left of its 7.5 s when it starts (the timeout covers retries too).
+    assert len(server.timeouts) == 3 and all(7.4 < t <= 7.5 for t in server.timeouts)
 
 
 def test_classify_uses_server_class_order_when_config_declares_other_names(fake):
@@ -429,6 +437,150 @@ def test_client_rejects_url_when_it_has_a_scheme(fake):
         LesionClient("http://localhost:8000")
 
 
+# -- retries --------------------------------------------------------------------------------
+
+
+def unavailable_then_ok(failures: int) -> Callable[[list[bytes]], None]:
+    """An on_infer hook failing the first ``failures`` requests with gRPC UNAVAILABLE."""
+    calls = [0]
+
+    def infer(batch: list[bytes]) -> None:
+        calls[0] += 1
+        if calls[0] <= failures:
+            raise InferenceServerException("failed to connect to all addresses; Connection refused",
+                                           status="StatusCode.UNAVAILABLE")
+
+    return infer
+
+
+def test_classify_retries_unavailable_with_exponential_backoff_when_server_comes_back(fake):
+    fake.on_infer = staticmethod(unavailable_then_ok(3))
+    with LesionClient(retries=3, backoff=0.25, max_backoff=10) as client:
+        results = client.classify([b"x"])
+    assert results == [expected_result(b"x")]
+    assert len(fake.instances[0].requests) == 4  # 3 refused + 1 answered
+    assert fake.sleeps == [0.25, 0.5, 1.0]
+
+
+def test_classify_raises_unavailable_naming_attempts_when_retries_run_out(fake):
+    fake.on_infer = staticmethod(unavailable_then_ok(10))
+    with LesionClient("h:1", retries=2, backoff=0.1, max_backoff=0.15) as client, \
+            pytest.raises(ServerUnavailableError, match=r"h:1 is unavailable.*gave up after 3 attempts") as info:
+        client.classify([b"x"])
+    assert fake.sleeps == [0.1, 0.15]  # doubling, capped at max_backoff
+    assert isinstance(info.value.__cause__, InferenceServerException)
+
+
+def test_classify_does_not_retry_when_retries_is_zero(fake):
+    fake.on_infer = staticmethod(unavailable_then_ok(1))
+    with LesionClient(retries=0) as client, pytest.raises(ServerUnavailableError) as info:
+        client.classify([b"x"])
+    assert "gave up" not in str(info.value) and fake.sleeps == []
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "error"),
+    [
+        ("StatusCode.INVALID_ARGUMENT", "undecodable image at index 0: not an image", UndecodableImageError),
+        ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", RequestTimeoutError),
+        ("StatusCode.INTERNAL", "Stub process 'resnet50_0_0' is not healthy.", ServerError),
+    ],
+)
+def test_classify_never_retries_errors_other_than_unavailable(fake, status, message, error):
+    def fail(batch: list[bytes]) -> None:
+        raise InferenceServerException(message, status=status)
+
+    fake.on_infer = staticmethod(fail)
+    with LesionClient(retries=5) as client, pytest.raises(error):
+        client.classify([b"x"])
+    assert len(fake.instances[0].requests) == 1 and fake.sleeps == []
+
+
+def test_classify_stops_retrying_within_timeout_when_server_stays_down(fake, monkeypatch):
+    # Real waiting here: the point is the wall-clock bound. 0.3 s, then 0.6 s; 1.2 s no longer fits in 1 s.
+    monkeypatch.setattr(client_module.LesionClient, "_sleep", staticmethod(time.sleep))
+    fake.on_infer = staticmethod(unavailable_then_ok(100))
+    start = time.monotonic()
+    with LesionClient(timeout=1.0, retries=10, backoff=0.3, max_backoff=5) as client, \
+            pytest.raises(ServerUnavailableError, match="gave up after 3 attempts"):
+        client.classify([b"x"])
+    assert time.monotonic() - start < 1.0
+    assert all(0 < t <= 1.0 for t in fake.instances[0].timeouts)  # no attempt may run past the deadline
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"retries": -1}, "retries must be >= 0"),
+        ({"backoff": 0}, "backoff must be > 0"),
+        ({"backoff": 2, "max_backoff": 1}, "max_backoff >= backoff"),
+    ],
+)
+def test_client_rejects_retry_settings_when_out_of_range(fake, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LesionClient(**kwargs)
+
+
+def test_client_caps_grpc_reconnect_backoff_and_keeps_message_limits_when_channel_built(fake):
+    with LesionClient():
+        pass
+    args = fake.instances[0].channel_args
+    assert args["grpc.max_reconnect_backoff_ms"] == client_module.MAX_RECONNECT_BACKOFF_MS <= 1000
+    assert args["grpc.max_receive_message_length"] == args["grpc.max_send_message_length"] == 2**31 - 1
+
+
+# -- TLS options ----------------------------------------------------------------------------
+
+PEM_CERT = "-----BEGIN CERTIFICATE-----\nMIIBfakecertificatebody\n-----END CERTIFICATE-----\n"
+PEM_KEY = "-----BEGIN PRIVATE KEY-----\nMIIEsecretkeymaterial0123456789\n-----END PRIVATE KEY-----\n"
+
+
+def test_client_raises_naming_the_path_when_root_certificates_missing(fake, tmp_path):
+    missing = tmp_path / "no-ca.pem"
+    with pytest.raises(FileNotFoundError, match=r"root_certificates file not found: '.*no-ca\.pem'"):
+        LesionClient(ssl=True, root_certificates=missing)
+    assert fake.instances == []  # no channel was created
+
+
+def test_client_raises_without_echoing_content_when_root_certificates_is_not_a_certificate(fake, tmp_path):
+    key = tmp_path / "server.key"
+    key.write_text(PEM_KEY)
+    with pytest.raises(ValueError, match="holds no PEM certificate") as info:
+        LesionClient(ssl=True, root_certificates=key)
+    assert "secretkeymaterial" not in str(info.value)
+
+
+def test_client_raises_when_root_certificates_given_without_ssl(fake, tmp_path):
+    (tmp_path / "ca.pem").write_text(PEM_CERT)
+    with pytest.raises(ValueError, match="pass ssl=True"):
+        LesionClient(root_certificates=tmp_path / "ca.pem")
+
+
+def test_client_passes_tls_settings_and_repr_shows_paths_only_when_ssl(fake, tmp_path):
+    (tmp_path / "ca.pem").write_text(PEM_CERT)
+    with LesionClient("h:1", ssl=True, root_certificates=tmp_path / "ca.pem") as client:
+        text = repr(client)
+    assert fake.instances[0].ssl is True and fake.instances[0].root_certificates == str(tmp_path / "ca.pem")
+    assert "ssl=True" in text and "ca.pem" in text and "fakecertificatebody" not in text
+
+
+def test_cli_passes_ssl_and_root_certificates_when_given(fake, images, tmp_path, capsys):
+    (tmp_path / "ca.pem").write_text(PEM_CERT)
+    assert cli.main(["classify", *images, "--ssl", "--root-certificates", str(tmp_path / "ca.pem"), "--retries", "0"]) == 0
+    assert fake.instances[0].ssl is True and fake.instances[0].root_certificates == str(tmp_path / "ca.pem")
+
+
+def test_cli_exits_2_naming_the_ca_file_when_missing(fake, images, tmp_path, capsys):
+    assert cli.main(["classify", *images, "--ssl", "--root-certificates", str(tmp_path / "ca.pem")]) == 2
+    assert f"root_certificates file not found: '{tmp_path / 'ca.pem'}'" in capsys.readouterr().err
+
+
+def test_cli_refuses_root_certificates_without_ssl(fake, images, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["classify", *images, "--root-certificates", str(tmp_path / "ca.pem")])
+    assert info.value.code == 2 and "add --ssl" in capsys.readouterr().err
+
+
 # -- CLI ------------------------------------------------------------------------------------
 
 
@@ -454,7 +606,7 @@ def test_cli_prints_aligned_table_when_classifying(fake, images, capsys):
         top1, prob1 = max(expected.probabilities.items(), key=lambda kv: kv[1])
         assert f"{top1} {prob1:.3f}" in line
     assert fake.instances[0].url == "h:1"
-    assert fake.instances[0].timeouts[0] == 3.0
+    assert 2.9 < fake.instances[0].timeouts[0] <= 3.0  # what is left of the 3 s once the call starts
 
 
 def test_cli_prints_json_list_when_json_flag_given(fake, images, capsys):
