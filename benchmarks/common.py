@@ -69,6 +69,17 @@ def random_artifacts(out: Path, seed: int = 0) -> Path:
     return out if complete else build_random_artifacts(out, seed=seed)
 
 
+def served_run_batch(backbone: str = "resnet50") -> int:
+    """Rows per ORT run in the committed CPU config: the in-process baselines use the same."""
+    import re
+
+    text = (PROJECT_ROOT / "model_repository" / backbone / "config.pbtxt").read_text()
+    match = re.search(r'key: "run_batch" value: \{ string_value: "(\d+)"', text)
+    if not match:
+        raise ValueError(f"model_repository/{backbone}/config.pbtxt has no run_batch parameter")
+    return int(match.group(1))
+
+
 @contextmanager
 def served(artifacts: Path, views: int, out: Path, log_name: str = "tritonserver.log") -> Iterator[TritonServer]:
     """The committed model repository with ``artifacts`` at ``views`` views, served on free ports."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from benchmarks.common import (DEFAULT_OUT, Timing, cycle, load_images, machine_info, measure, median, random_artifacts,
-                               served, write_json)
+                               served, served_run_batch, write_json)
 from lesionserve.spec import ALLOWED_VIEWS
 
 #: Ratio goals of issue #5 on the CPU, (numerator, denominator) -> minimum.
@@ -54,8 +54,9 @@ def bench_views(args: argparse.Namespace, artifacts: Path, images: list[bytes], 
           f"{latency_calls} calls x 1 image (latency) per pipeline", flush=True)
 
     torch.set_num_threads(args.threads)
-    reference = ReferencePipeline.from_artifacts(artifacts, views=views, batch_size=batch * views)
-    ort_pipeline = OrtPipeline.from_onnx(artifacts, views=views, threads=args.threads, batch_size=batch * views)
+    # The baselines run their backbones in batches of the served run_batch: the same work per run.
+    reference = ReferencePipeline.from_artifacts(artifacts, views=views, batch_size=args.run_batch)
+    ort_pipeline = OrtPipeline.from_onnx(artifacts, views=views, threads=args.threads, batch_size=args.run_batch)
     bound = BackboneBound(artifacts, threads=args.threads)
     timings: dict[str, dict[str, list[Timing]]] = {n: {"throughput": [], "latency": []} for n in ("triton", "torch", "ort")}
     per_view_rounds, single_rounds = [], []
@@ -160,6 +161,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-views", type=int, default=64, help="backbone views per pipeline for latency, at least 4 calls (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians over rounds (default %(default)s)")
     parser.add_argument("--bound-repeats", type=int, default=2, help="timed runs per backbone per round for the bound (default %(default)s)")
+    parser.add_argument("--run-batch", type=int, default=served_run_batch(),
+                        help="backbone rows per run in (b) and (c) (default: the served run_batch, %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for in-process pipelines (default: all cores, %(default)s)")
     parser.add_argument("--artifacts", type=Path, help="exported artifacts to serve (default: random-weight ones under --out)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "harness", help="results folder (default %(default)s)")

@@ -15,9 +15,8 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from export.checks import ort_logits
 from lesionserve.calibration import Calibration
-from lesionserve.onnx_session import make_session
+from lesionserve.onnx_session import make_session, run_in_chunks
 from lesionserve.preprocessing import preprocess_batch
 from lesionserve.reference import ReferencePipeline
 from lesionserve.spec import BACKBONE_NAMES
@@ -42,7 +41,7 @@ class OrtPipeline(ReferencePipeline):
         return model
 
     def backbone_logits(self, name: str, views: np.ndarray) -> np.ndarray:
-        return ort_logits(self.models[name], views, self.batch_size)
+        return run_in_chunks(self.models[name], views, self.batch_size)
 
     @classmethod
     def from_onnx(cls, artifacts: Path, views: int, threads: int, batch_size: int = 64) -> "OrtPipeline":
@@ -53,24 +52,35 @@ class OrtPipeline(ReferencePipeline):
 
 
 class BackboneBound:
-    """Seconds per view of each backbone alone, measured on the views a request would produce."""
+    """Seconds per view of each backbone alone, on the views a request would produce, at the best
+    run batch: per-view cost depends on the batch on CPU, so every candidate is timed."""
+
+    #: Run batches tried (those up to the number of views); each is timed on at least MIN_VIEWS views.
+    #: 32 and 64 are left out: on CPU they were dearer per view for all three backbones
+    #: (benchmarks/RESULTS.md, "Run batch"), and timing them costs the most.
+    CANDIDATES = (1, 4, 8, 16)
+    MIN_VIEWS = 16
 
     def __init__(self, artifacts: Path, threads: int) -> None:
         self.sessions = onnx_sessions(artifacts, threads)
 
-    def seconds_per_view(self, images: Sequence[bytes], views: int, repeats: int = 3) -> dict[str, float]:
-        """Median over ``repeats`` of one ORT run over all views of ``images`` (one batch), per view."""
+    def seconds_per_view(self, images: Sequence[bytes], views: int, repeats: int = 1) -> dict[str, float]:
+        """Per backbone: the lowest over candidate run batches of the median over ``repeats`` of
+        (seconds for a pass over the views in runs of that batch) / views."""
         sizes = {name: input_size(s) for name, s in self.sessions.items()}
         pixels = preprocess_batch(list(images), set(sizes.values()))
         out = {}
         for name, session in self.sessions.items():
-            batch = make_views(pixels[sizes[name]], views)
-            feed = {session.get_inputs()[0].name: batch}
-            session.run(None, feed)  # warm-up: first runs allocate and pick kernels
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                session.run(None, feed)
-                times.append(time.perf_counter() - t0)
-            out[name] = float(np.median(times)) / len(batch)
+            all_views = make_views(pixels[sizes[name]], views)
+            best = float("inf")
+            for batch in [b for b in self.CANDIDATES if b <= len(all_views)] or [len(all_views)]:
+                x = np.resize(all_views, (max(batch, min(self.MIN_VIEWS, len(all_views))), *all_views.shape[1:]))
+                run_in_chunks(session, x[:batch], batch)  # warm-up: first runs of a shape allocate
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    run_in_chunks(session, x, batch)
+                    times.append(time.perf_counter() - t0)
+                best = min(best, float(np.median(times)) / len(x))
+            out[name] = best
         return out

@@ -10,6 +10,7 @@ A variant is ``name:key=value,...`` with keys
   delay      each backbone's dynamic batcher max_queue_delay_microseconds
   pre        instance count of preprocess
   decode     decoding threads inside preprocess (parameter decode_threads)
+  chunk      rows per ORT run inside each backbone (parameter run_batch)
   lock       1/0: the backbones take turns on the cores (parameter core_lock, lesionserve/core_lock.py)
 All variants are served at once and measured in turn through the SDK, --rounds times (medians):
 images/s with requests of --batch images at concurrency 1 and 2, and single-image latency. The committed config.pbtxt files
@@ -31,7 +32,7 @@ from benchmarks.pipelines import BackboneBound
 from lesionserve.server import TritonServer
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_NAMES
 
-KEYS = {"threads", "spin", "instances", "delay", "pre", "decode", "lock"}
+KEYS = {"threads", "spin", "instances", "delay", "pre", "decode", "lock", "chunk"}
 DEFAULT_VARIANTS = (
     "committed:",
     "threads2-spin1:threads=2,spin=1",
@@ -79,6 +80,8 @@ def apply_variant(repository: Path, edits: dict[str, int]) -> None:
             text = set_parameter(text, "intra_op_threads", str(edits["threads"]))
         if "spin" in edits:
             text = set_parameter(text, "allow_spinning", str(edits["spin"]))
+        if "chunk" in edits:
+            text = set_parameter(text, "run_batch", str(edits["chunk"]))
         if "lock" in edits:
             text = set_parameter(text, "core_lock", "backbones" if edits["lock"] else "")
         if "instances" in edits:

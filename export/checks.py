@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lesionserve.onnx_session import make_session
+from lesionserve.onnx_session import make_session, run_in_chunks
 from lesionserve.preprocessing import preprocess_rgb
 from lesionserve.spec import CLASS_NAMES
 
@@ -34,5 +34,4 @@ def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
 
 def ort_logits(session: ort.InferenceSession, x: np.ndarray, batch: int = 32) -> np.ndarray:
     """Logits of ``x`` in batches of at most ``batch`` rows (bounded memory for large check sets)."""
-    name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
-    return np.concatenate([session.run([name_out], {name_in: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+    return run_in_chunks(session, x, batch)

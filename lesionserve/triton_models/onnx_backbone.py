@@ -8,7 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from lesionserve.core_lock import CoreLock, lock_path
-from lesionserve.onnx_session import make_session
+from lesionserve.onnx_session import make_session, run_in_chunks
 from lesionserve.triton_config import flag, parameter, parse_args_config, version_dir, weights_file
 
 
@@ -23,6 +23,11 @@ class TritonPythonModel:
             threads=int(parameter(config, "intra_op_threads", "1")),
             spinning=flag(config, "allow_spinning", True),
         )
+        # Rows per ORT run: the dynamic batcher may hand over 64 rows; smaller runs cost less per
+        # row on CPU and bound the activation memory (benchmarks/RESULTS.md, "Tuning").
+        self.run_batch = int(parameter(config, "run_batch", str(config.get("max_batch_size") or 64)))
+        if self.run_batch < 1:
+            raise pb_utils.TritonModelException(f"model {config['name']!r}: run_batch must be >= 1, got {self.run_batch}")
         # Optional turn-taking with the repository's other backbones (see lesionserve/core_lock.py).
         lock_name = parameter(config, "core_lock", "")
         self.lock = CoreLock(lock_path(lock_name, version_dir(args).parents[1])) if lock_name else contextlib.nullcontext()
@@ -33,7 +38,7 @@ class TritonPythonModel:
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         batch = np.concatenate(arrays)
         with self.lock:
-            logits = self.session.run([self.output_name], {self.input_name: batch})[0]
+            logits = run_in_chunks(self.session, batch, self.run_batch)
         splits = np.cumsum([len(a) for a in arrays])[:-1]
         return [
             pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, part)])

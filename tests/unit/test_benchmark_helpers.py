@@ -78,11 +78,12 @@ def test_apply_variant_edits_every_backbone_and_preprocess(tmp_path):
     for name in (*BACKBONE_NAMES, "preprocess"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.pbtxt").write_text((PROJECT_ROOT / "model_repository" / name / "config.pbtxt").read_text())
-    apply_variant(tmp_path, {"threads": 1, "spin": 0, "instances": 2, "delay": 500, "decode": 3})
+    apply_variant(tmp_path, {"threads": 1, "spin": 0, "instances": 2, "delay": 500, "decode": 3, "chunk": 16, "lock": 0})
     for name in BACKBONE_NAMES:
         text = (tmp_path / name / "config.pbtxt").read_text()
         assert 'intra_op_threads" value: { string_value: "1"' in text and 'allow_spinning" value: { string_value: "0"' in text
         assert "count: 2" in text and "max_queue_delay_microseconds: 500" in text
+        assert 'run_batch" value: { string_value: "16"' in text and 'core_lock" value: { string_value: "" }' in text
     assert 'decode_threads" value: { string_value: "3"' in (tmp_path / "preprocess" / "config.pbtxt").read_text()
 
 
