@@ -26,7 +26,7 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest -ra tests/unit
 
-# Every table of benchmarks/RESULTS.md (about 25 min on 2 cores; leave the machine idle).
+# Every table of benchmarks/RESULTS.md (about 15 min on 2 cores; leave the machine idle).
 bench: setup
 	$(PY) -m benchmarks.run_all
 

@@ -109,7 +109,8 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     c = [int(r["Concurrency"]) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(c, [float(r["Inferences/Second"]) for r in rows], "o-")
-    ax.set(xscale="log", xlabel="concurrency (requests in flight)", ylabel="inferences/s", title=f"throughput\n{title}")
+    ax.set(xscale="log", xlabel="concurrency (requests in flight)", ylabel="inferences/s")
+    ax.set_title(f"throughput\n{title}", fontsize=8)
     ax.set_xticks(c, [str(x) for x in c])
     ax.set_ylim(bottom=0)
     fig.tight_layout()
@@ -118,8 +119,8 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("p50 latency", "p90 latency", "p95 latency", "p99 latency"):
         ax.plot(c, [float(r[key]) / 1000 for r in rows], "o-", label=key.split()[0])
-    ax.set(xscale="log", yscale="log", xlabel="concurrency (requests in flight)", ylabel="latency (ms)",
-           title=f"latency percentiles\n{title}")
+    ax.set(xscale="log", yscale="log", xlabel="concurrency (requests in flight)", ylabel="latency (ms)")
+    ax.set_title(f"latency percentiles\n{title}", fontsize=8)
     ax.set_xticks(c, [str(x) for x in c])
     ax.legend()
     fig.tight_layout()
@@ -175,7 +176,7 @@ def sweep(args: argparse.Namespace, url: str, images_source: str) -> list[dict]:
     write_csv(args.out / "perf.csv", rows)
     write_csv(args.out / "breakdown.csv", breakdown)
     (args.out / "perf.md").write_text(markdown(rows, breakdown) + "\n")
-    plot(rows, args.out, f"{args.model} @ {url}, {args.batch} image(s)/request, {images_source}"[:110])
+    plot(rows, args.out, f"{args.model} @ {url}, {args.batch} image(s)/request\n{images_source}")
     return rows
 
 

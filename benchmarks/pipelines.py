@@ -51,6 +51,17 @@ class OrtPipeline(ReferencePipeline):
         return cls(sessions, calibration, views=views, input_sizes=sizes, batch_size=batch_size)
 
 
+def seconds_per_view(session: ort.InferenceSession, views: np.ndarray, batch: int, repeats: int) -> float:
+    """Median over ``repeats`` of one pass over ``views`` in runs of ``batch`` rows, per view."""
+    run_in_chunks(session, views[:batch], batch)  # warm-up: first runs of a shape allocate
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_in_chunks(session, views, batch)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) / len(views)
+
+
 class BackboneBound:
     """Seconds per view of each backbone alone, on the views a request would produce, at the best
     run batch: per-view cost depends on the batch on CPU, so every candidate is timed."""
@@ -75,12 +86,6 @@ class BackboneBound:
             best = float("inf")
             for batch in [b for b in self.CANDIDATES if b <= len(all_views)] or [len(all_views)]:
                 x = np.resize(all_views, (max(batch, min(self.MIN_VIEWS, len(all_views))), *all_views.shape[1:]))
-                run_in_chunks(session, x[:batch], batch)  # warm-up: first runs of a shape allocate
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    run_in_chunks(session, x, batch)
-                    times.append(time.perf_counter() - t0)
-                best = min(best, float(np.median(times)) / len(x))
+                best = min(best, seconds_per_view(session, x, batch, repeats))
             out[name] = best
         return out

@@ -33,12 +33,14 @@ from lesionserve.server import TritonServer
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_NAMES
 
 KEYS = {"threads", "spin", "instances", "delay", "pre", "decode", "lock", "chunk"}
+#: The path from the first served settings to the committed ones, one change at a time.
+BEFORE = "before:threads=2,spin=1,lock=0,decode=1,chunk=64"
 DEFAULT_VARIANTS = (
+    BEFORE,
+    "spin0:threads=2,spin=0,lock=0,decode=1,chunk=64",
+    "spin0-decode2:threads=2,spin=0,lock=0,decode=2,chunk=64",
+    "spin0-decode2-lock:threads=2,spin=0,lock=1,decode=2,chunk=64",
     "committed:",
-    "threads2-spin1:threads=2,spin=1",
-    "threads2-spin0:threads=2,spin=0",
-    "threads1-spin0:threads=1,spin=0",
-    "threads1-spin1:threads=1,spin=1",
 )
 
 
@@ -126,6 +128,19 @@ def summarize(rounds: list[dict]) -> dict[str, float]:
     }
 
 
+def markdown(payload: dict) -> str:
+    """The Tuning table of RESULTS.md from a tuning_t<T>.json payload."""
+    bound = payload["bound_images_per_s"]
+    lines = [f"T={payload['views']}, requests of {payload['batch']} images; backbone bound {bound:.2f} images/s", "",
+             "| variant | settings | images/s c=1 (of bound) | images/s c=2 (of bound) | 1-image p50 ms | p99 ms |",
+             "|---|---|---|---|---|---|"]
+    for name, r in payload["variants"].items():
+        settings = ", ".join(f"{k}={r[k]}" for k in sorted(KEYS) if k in r) or "as committed"
+        lines.append(f"| {name} | {settings} | {r['images_per_s_c1']:.2f} ({r['images_per_s_c1'] / bound:.2f}) | "
+                     f"{r['images_per_s_c2']:.2f} ({r['images_per_s_c2'] / bound:.2f}) | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
+    return "\n".join(lines)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--views", type=int, default=1, choices=ALLOWED_VIEWS, help="T (default %(default)s)")
@@ -176,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<18} c1 {r['images_per_s_c1']:6.2f} images/s ({r['images_per_s_c1'] / bound_rate:.2f} of bound)  "
               f"c2 {r['images_per_s_c2']:6.2f} ({r['images_per_s_c2'] / bound_rate:.2f})  "
               f"1-image p50 {r['p50_ms']:7.0f} ms  p99 {r['p99_ms']:7.0f} ms")
-    write_json(args.out / f"tuning_t{args.views}.json", {"views": args.views, "images": source, "batch": args.batch,
-                                                         "bound_images_per_s": round(bound_rate, 3), "variants": results})
+    payload = {"views": args.views, "images": source, "batch": args.batch,
+               "bound_images_per_s": round(bound_rate, 3), "variants": results}
+    write_json(args.out / f"tuning_t{args.views}.json", payload)
+    (args.out / f"tuning_t{args.views}.md").write_text(markdown(payload) + "\n")
     print(f"written: {args.out / f'tuning_t{args.views}.json'}")
     return 0
 

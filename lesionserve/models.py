@@ -28,14 +28,20 @@ def save_checkpoint(path: str | Path, backbone: str, model: torch.nn.Module, ext
     tmp.replace(path)  # atomic: an interrupted save never leaves a half-written checkpoint
 
 
-def load_checkpoint(path: str | Path) -> tuple[BackboneSpec, torch.nn.Module, dict[str, Any]]:
-    """Load a checkpoint written by save_checkpoint; returns (spec, model in eval mode, payload)."""
+def _read_payload(path: str | Path) -> dict[str, Any]:
+    """The dict saved by save_checkpoint; precise errors for a missing file or a foreign one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a LesionServe checkpoint (format {CHECKPOINT_FORMAT})")
+    return payload
+
+
+def load_checkpoint(path: str | Path) -> tuple[BackboneSpec, torch.nn.Module, dict[str, Any]]:
+    """Load a checkpoint written by save_checkpoint; returns (spec, model in eval mode, payload)."""
+    payload = _read_payload(path)
     spec = get_backbone(payload["backbone"])
     model = create_backbone(spec.name)
     model.load_state_dict(payload["state_dict"], strict=True)
@@ -53,10 +59,5 @@ def trained_input_size(payload: dict[str, Any], spec: BackboneSpec) -> int:
 
 def checkpoint_input_size(path: str | Path) -> int:
     """trained_input_size of the checkpoint at ``path``, without building the model."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a LesionServe checkpoint (format {CHECKPOINT_FORMAT})")
+    payload = _read_payload(path)
     return trained_input_size(payload, get_backbone(payload["backbone"]))

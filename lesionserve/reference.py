@@ -14,7 +14,7 @@ import torch
 
 from lesionserve.calibration import Calibration
 from lesionserve.fusion import fuse
-from lesionserve.models import load_checkpoint
+from lesionserve.models import load_checkpoint, trained_input_size
 from lesionserve.preprocessing import DEFAULT_MAX_PIXELS, preprocess_batch
 from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES, check_views, get_backbone
 from lesionserve.views import make_views
@@ -70,7 +70,7 @@ class ReferencePipeline:
             if spec.name != name:
                 raise ValueError(f"{artifacts / name / 'checkpoint.pt'} holds {spec.name}, expected {name}")
             models[name] = model
-            sizes[name] = int((payload.get("config") or {}).get("input_size") or spec.input_size)
+            sizes[name] = trained_input_size(payload, spec)
         calibration = calibration or Calibration.load(artifacts / "calibration.json")
         return cls(models, calibration, views=views, input_sizes=sizes, **kwargs)
 

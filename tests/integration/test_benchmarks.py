@@ -71,3 +71,14 @@ def test_perf_analyzer_sweeps_a_running_server(server_t1, tmp_path):
         models = {r["model"] for r in csv.DictReader(f)}
     assert {"preprocess", "tta", "resnet50", "densenet121", "efficientnet_b3", "fusion", "threshold"} <= models
     assert (tmp_path / "throughput.png").stat().st_size > 0 and (tmp_path / "latency.png").stat().st_size > 0
+
+
+def test_run_batch_profiles_each_backbone(artifacts, tmp_path):
+    from benchmarks import run_batch
+
+    argv = ["--batches", "1", "2", "--views", "2", "--repeats", "1", "--images", "synthetic",
+            "--artifacts", str(artifacts), "--out", str(tmp_path)]
+    assert run_batch.main(argv) == 0
+    table = json.loads((tmp_path / "run_batch.json").read_text())["ms_per_view"]
+    assert set(table) == {"resnet50", "densenet121", "efficientnet_b3"}
+    assert all(set(row) == {"1", "2"} and min(row.values()) > 0 for row in table.values())

@@ -114,3 +114,14 @@ def test_calls_for_and_ratios():
     results = {name: {"throughput": {"images_per_s": v}} for name, v in
                {"triton": 9.0, "torch": 4.0, "ort": 9.0, "bound": 10.0}.items()}
     assert ratios(results) == {"triton/bound": 0.9, "triton/torch": 2.25, "triton/ort": 1.0}
+
+
+def test_tuning_markdown_states_each_variant_against_the_bound():
+    from benchmarks.tuning import markdown
+
+    payload = {"views": 1, "batch": 8, "bound_images_per_s": 8.0, "variants": {
+        "before": {"spin": 1, "images_per_s_c1": 4.0, "images_per_s_c2": 6.0, "p50_ms": 250.0, "p99_ms": 300.0},
+        "committed": {"images_per_s_c1": 7.6, "images_per_s_c2": 8.0, "p50_ms": 140.0, "p99_ms": 150.0}}}
+    text = markdown(payload)
+    assert "| before | spin=1 | 4.00 (0.50) | 6.00 (0.75) | 250 | 300 |" in text
+    assert "| committed | as committed | 7.60 (0.95) | 8.00 (1.00) | 140 | 150 |" in text
