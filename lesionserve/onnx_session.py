@@ -33,7 +33,7 @@ def run_in_chunks(session: ort.InferenceSession, x: np.ndarray, chunk: int) -> n
     """The session's first output over ``x``, ``chunk`` rows per run.
 
     On CPU, per-row cost rises with the batch once activations leave the caches (measured in
-    benchmarks/RESULTS.md: EfficientNet-B3@300 is 34% dearer per view at 64 rows than at 4), and
+    benchmarks/RESULTS.md: EfficientNet-B3@300 is 27% dearer per view at 64 rows than at 4), and
     memory grows with it; small chunks give the same results for less.
     """
     if chunk < 1:
