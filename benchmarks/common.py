@@ -135,6 +135,11 @@ def measure(call: Callable[[], object], items_per_call: int, calls: int, warmup:
     return Timing(items_per_call * calls, time.perf_counter() - start, tuple(latencies))
 
 
+def calls_for(budget_views: int, views: int, images_per_call: int, minimum: int) -> int:
+    """How many calls make about ``budget_views`` backbone views (at least ``minimum``)."""
+    return max(minimum, -(-budget_views // (views * images_per_call)))
+
+
 def cycle(items: Sequence, size: int) -> Callable[[], list]:
     """A function returning the next ``size`` items of ``items``, wrapping around."""
     position = [0]

@@ -16,7 +16,6 @@ machine's drift touches each alike; throughput is the median of the rounds' rate
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -24,18 +23,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.common import (DEFAULT_OUT, Timing, cycle, load_images, machine_info, measure, median, random_artifacts,
+from benchmarks.common import (DEFAULT_OUT, Timing, calls_for, cycle, load_images, machine_info, measure, median, random_artifacts,
                                served, served_run_batch, write_json)
 from lesionserve.spec import ALLOWED_VIEWS
 
 #: Ratio goals of issue #5 on the CPU, (numerator, denominator) -> minimum.
 GOALS = {("triton", "bound"): 0.90, ("triton", "torch"): 1.8}
 PIPELINES = ("triton", "torch", "ort", "bound")
-
-
-def calls_for(budget_views: int, views: int, images_per_call: int, minimum: int) -> int:
-    """How many calls make about ``budget_views`` backbone views (at least ``minimum``)."""
-    return max(minimum, math.ceil(budget_views / (views * images_per_call)))
 
 
 def bench_views(args: argparse.Namespace, artifacts: Path, images: list[bytes], views: int) -> dict:
@@ -117,7 +111,7 @@ def markdown(report: dict) -> str:
         for name in PIPELINES:
             r = results[name]
             lat = r["latency"]
-            cells = [f"{lat.get(k, '')}" if k in lat else "-" for k in ("p50_ms", "p95_ms", "p99_ms")]
+            cells = [str(lat.get(k, "-")) for k in ("p50_ms", "p95_ms", "p99_ms")]
             lines.append(f"| {views} | {labels[name]} | {r['throughput']['images_per_s']:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "| T | (a)/(d) goal >= 0.90 | (a)/(b) goal >= 1.8 | (a)/(c) |", "|---|---|---|---|"]
     for views, results in report["views"].items():

@@ -20,7 +20,6 @@ import os
 import re
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 from benchmarks.common import DEFAULT_OUT, load_images, random_artifacts, served

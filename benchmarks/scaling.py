@@ -15,12 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_OUT, cycle, load_images, measure, random_artifacts, served, write_json
+from benchmarks.common import DEFAULT_OUT, calls_for, cycle, load_images, measure, random_artifacts, served, write_json
 from lesionserve.spec import ALLOWED_VIEWS
-
-
-def calls_for(budget_views: int, views: int, images: int) -> int:
-    return max(2, -(-budget_views // (views * images)))
 
 
 def run(args: argparse.Namespace, artifacts: Path, images: list[bytes]) -> dict:
@@ -30,7 +26,7 @@ def run(args: argparse.Namespace, artifacts: Path, images: list[bytes]) -> dict:
     for views in args.views:
         with served(artifacts, views, args.out, log_name=f"tritonserver_t{views}.log") as server:
             with LesionClient(server.grpc_url, timeout=900, max_workers=4) as client:
-                timing = measure(lambda take=cycle(images, 8): client.classify(take()), 8, calls_for(args.views_budget, views, 8))
+                timing = measure(lambda take=cycle(images, 8): client.classify(take()), 8, calls_for(args.views_budget, views, 8, 2))
                 report["views"][str(views)] = {"images_per_s": round(timing.per_second, 3),
                                                "views_per_s": round(timing.per_second * views, 2),
                                                "p50_request_ms": round(1000 * timing.percentile(50), 1)}
@@ -39,7 +35,7 @@ def run(args: argparse.Namespace, artifacts: Path, images: list[bytes]) -> dict:
                     continue
                 for count in args.images_per_call:
                     timing = measure(lambda take=cycle(images, count): client.classify(take()), count,
-                                     calls_for(args.views_budget, views, count))
+                                     calls_for(args.views_budget, views, count, 2))
                     report["images_per_call"][str(count)] = {"images_per_s": round(timing.per_second, 3),
                                                              "p50_call_ms": round(1000 * timing.percentile(50), 1)}
                     print(f"  T={views}, {count:>2} images per call: {timing.per_second:6.2f} images/s, "

@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from benchmarks.common import Timing, cycle, load_images
-from benchmarks.harness import calls_for, ratios
+from benchmarks.common import Timing, calls_for, cycle, load_images
+from benchmarks.harness import ratios
 from benchmarks.perf_analyzer import composing_breakdown, input_data
 from benchmarks.tuning import apply_variant, parse_variant, set_parameter
 
