@@ -12,7 +12,5 @@ RUN python3 -m pip install -r /tmp/lesionserve/requirements-engine-builder.txt \
 
 WORKDIR /opt/lesionserve
 COPY lesionserve lesionserve
-COPY export export
-COPY training/__init__.py training/synthetic.py training/
 ENV PYTHONPATH=/opt/lesionserve
-CMD ["python3", "-m", "export.tensorrt", "--help"]
+CMD ["python3", "-m", "lesionserve.export.tensorrt", "--help"]

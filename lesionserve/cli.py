@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("error: --grpc-ssl-cert and --grpc-ssl-key go together (TLS needs both), or neither for plain gRPC", file=sys.stderr)
         return 2
     if args.artifacts:
-        from export.assemble import AssembleError, assemble
+        from lesionserve.export.assemble import AssembleError, assemble
 
         checkpoints = bool(args.model_config_name) and get_variant(args.model_config_name).needs_checkpoints
         try:

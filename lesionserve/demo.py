@@ -29,14 +29,14 @@ def stage(number: int, text: str) -> None:
 
 def run_demo(args: argparse.Namespace) -> float:
     """Run every stage; returns the max |Triton - reference| over fused probabilities."""
-    from export.assemble import assemble
-    from export.onnx_export import export_onnx
+    from lesionserve.export.assemble import assemble
+    from lesionserve.export.onnx_export import export_onnx
     from lesionserve.reference import ReferencePipeline
     from lesionserve_client import LesionClient
     from lesionserve_client.cli import format_table
-    from training.calibrate import calibrate
-    from training.synthetic import generate_dataset
-    from training.train import train
+    from lesionserve.training.calibrate import calibrate
+    from lesionserve.synthetic import generate_dataset
+    from lesionserve.training.train import train
 
     out = Path(args.out)
     stage(1, f"synthetic dataset: {args.num_images} images -> {out / 'data'}")

@@ -14,13 +14,13 @@ import cv2
 import numpy as np
 import pytest
 
-from export.assemble import assemble
-from export.random_artifacts import build_random_artifacts
+from lesionserve.export.assemble import assemble
+from lesionserve.export.random_artifacts import build_random_artifacts
 from lesionserve.calibration import Calibration
 from lesionserve.reference import ReferencePipeline
 from lesionserve.server import TritonServer
 from lesionserve.spec import CLASS_NAMES
-from training.synthetic import render_lesion
+from lesionserve.synthetic import render_lesion
 
 #: Fixed thresholds low enough that they fire on some test images, so the decision path is exercised.
 TEST_CALIBRATION = Calibration(

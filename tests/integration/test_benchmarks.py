@@ -10,8 +10,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from benchmarks import harness, perf_analyzer, scaling, tuning
-from benchmarks.common import load_images
+from lesionserve.benchmarks import harness, perf_analyzer, scaling, tuning
+from lesionserve.benchmarks.common import load_images
 from lesionserve.server import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -19,7 +19,7 @@ TINY_IMAGES = ["--images", "synthetic", "--num-images", "2"]
 
 
 def test_ort_pipeline_matches_the_reference_pipeline(artifacts, reference_t8):
-    from benchmarks.pipelines import OrtPipeline
+    from lesionserve.benchmarks.pipelines import OrtPipeline
 
     images, _ = load_images("synthetic", 3)
     ort_out = OrtPipeline.from_onnx(artifacts, views=8, threads=1).run(images)

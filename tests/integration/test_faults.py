@@ -21,7 +21,7 @@ from lesionserve.processes import SHM_DIR, python_stubs
 from lesionserve.server import TritonServer
 from lesionserve.spec import CLASS_NAMES
 from lesionserve_client import LesionClient, RequestTimeoutError, ServerError, ServerUnavailableError
-from training.synthetic import render_lesion
+from lesionserve.synthetic import render_lesion
 
 pytestmark = pytest.mark.integration
 

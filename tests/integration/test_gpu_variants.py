@@ -15,7 +15,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from export.assemble import assemble
+from lesionserve.export.assemble import assemble
 from lesionserve.parity import compare_probabilities
 from lesionserve.server import TritonServer
 from lesionserve.spec import BACKBONE_NAMES

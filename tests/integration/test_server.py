@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from export.assemble import assemble
+from lesionserve.export.assemble import assemble
 from lesionserve.processes import PROC, SHM_DIR, SHM_REGION_PREFIX, mapped_shm_regions, python_stubs
 from lesionserve.server import ServerStartError, TritonServer
 

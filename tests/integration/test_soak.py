@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.soak import SoakConfig, run_soak
+from lesionserve.benchmarks.soak import SoakConfig, run_soak
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,10 @@ import struct
 import numpy as np
 import pytest
 
-from benchmarks.common import Timing, calls_for, cycle, load_images
-from benchmarks.harness import ratios
-from benchmarks.perf_analyzer import composing_breakdown, input_data
-from benchmarks.tuning import apply_variant, parse_variant, set_parameter
+from lesionserve.benchmarks.common import Timing, calls_for, cycle, load_images
+from lesionserve.benchmarks.harness import ratios
+from lesionserve.benchmarks.perf_analyzer import composing_breakdown, input_data
+from lesionserve.benchmarks.tuning import apply_variant, parse_variant, set_parameter
 
 PERF_ANALYZER_STDOUT = """\
 Request concurrency: 2
@@ -117,7 +117,7 @@ def test_calls_for_and_ratios():
 
 
 def test_tuning_markdown_states_each_variant_against_the_bound():
-    from benchmarks.tuning import markdown
+    from lesionserve.benchmarks.tuning import markdown
 
     payload = {"views": 1, "batch": 8, "bound_images_per_s": 8.0, "variants": {
         "before": {"spin": 1, "images_per_s_c1": 4.0, "images_per_s_c2": 6.0, "p50_ms": 250.0, "p99_ms": 300.0},

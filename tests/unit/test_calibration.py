@@ -8,7 +8,7 @@ import pytest
 
 from lesionserve.calibration import Calibration, CalibrationError, exceeds
 from lesionserve.spec import CLASS_NAMES
-from training.calibrate import THETA_GRID, calibrate_thresholds, fusion_weights, select_threshold, sensitivity_specificity
+from lesionserve.training.calibrate import THETA_GRID, calibrate_thresholds, fusion_weights, select_threshold, sensitivity_specificity
 
 MEL, NV, AKIEC = (CLASS_NAMES.index(c) for c in ("MEL", "NV", "AKIEC"))
 SEED_RULE = dict(

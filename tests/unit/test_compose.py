@@ -114,7 +114,7 @@ def test_repository_volume_is_read_only_when_mounted_by_servers(compose, service
 
 def test_builder_writes_engines_into_shared_repository_when_run(services):
     command = services["engine-builder"]["command"]
-    assert command[:3] == ["python3", "-m", "export.tensorrt"] and "--repository=/models" in command
+    assert command[:3] == ["python3", "-m", "lesionserve.export.tensorrt"] and "--repository=/models" in command
     assert any(a.startswith("--timing-cache=/cache/") for a in command)
 
 

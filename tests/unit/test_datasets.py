@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lesionserve.spec import CLASS_NAMES
-from training.data import DatasetError, Sample, class_counts, detect_layout, load_dataset, load_isic_dir
-from training.synthetic import generate_dataset
+from lesionserve.training.data import DatasetError, Sample, class_counts, detect_layout, load_dataset, load_isic_dir
+from lesionserve.synthetic import generate_dataset
 
 REAL_METADATA = Path("/work/shared/data/isic-real/ham10000_metadata.csv")
 HEADER = "image," + ",".join(CLASS_NAMES)

@@ -13,10 +13,10 @@ import torch
 from lesionserve.calibration import Calibration
 from lesionserve.models import create_backbone, save_checkpoint
 from lesionserve.spec import CLASS_NAMES
-from training import multiseed
-from training.data import load_dataset
-from training.evaluate import EvaluationError, evaluation_samples, main, score
-from training.metrics import (
+from lesionserve.training import multiseed
+from lesionserve.training.data import load_dataset
+from lesionserve.training.evaluate import EvaluationError, evaluation_samples, main, score
+from lesionserve.training.metrics import (
     binary_auc,
     bootstrap_balanced_accuracy_ci,
     confusion_matrix,
@@ -26,8 +26,8 @@ from training.metrics import (
     roc_curve,
     sensitivity_specificity_from_confusion,
 )
-from training.splits import lesion_overlap, load_or_create_splits, make_splits, read_splits, write_splits
-from training.synthetic import generate_dataset
+from lesionserve.training.splits import lesion_overlap, load_or_create_splits, make_splits, read_splits, write_splits
+from lesionserve.synthetic import generate_dataset
 
 MEL, NV, BCC, AKIEC, BKL, DF, VASC = range(7)
 
@@ -161,7 +161,7 @@ def test_evaluate_rows_equal_reference_pipeline_outputs_when_compared_per_view_c
     import csv
 
     from lesionserve.reference import ReferencePipeline
-    from training.evaluate import predict
+    from lesionserve.training.evaluate import predict
 
     out, metrics = evaluated
     samples = read_splits(artifacts / "splits.csv")["test"][:3]  # 3 of the 7: the forward passes are the cost
@@ -231,8 +231,8 @@ def test_multiseed_reports_mean_and_std_per_row_when_train_and_calibrate_are_moc
         trained.append(config)
         return {}
 
-    monkeypatch.setitem(sys.modules, "training.train", types.SimpleNamespace(train=fake_train))
-    monkeypatch.setitem(sys.modules, "training.calibrate",
+    monkeypatch.setitem(sys.modules, "lesionserve.training.train", types.SimpleNamespace(train=fake_train))
+    monkeypatch.setitem(sys.modules, "lesionserve.training.calibrate",
                         types.SimpleNamespace(calibrate=lambda artifacts, views: calibrated.append((artifacts, views))))
     per_seed = {0: {"single:resnet50": (0.60, 0.50), "thresholds": (0.70, 0.80)},
                 1: {"single:resnet50": (0.64, 0.40), "thresholds": (0.74, 0.90)},
@@ -274,7 +274,7 @@ def test_multiseed_reports_mean_and_std_per_row_when_train_and_calibrate_are_moc
 
 def test_multiseed_resume_skips_finished_backbones_when_marker_present(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setitem(sys.modules, "training.train", types.SimpleNamespace(
+    monkeypatch.setitem(sys.modules, "lesionserve.training.train", types.SimpleNamespace(
         train=lambda config: (Path(config["out"]).mkdir(parents=True, exist_ok=True), calls.append(config))))
     seed_dir = tmp_path / "seed_0"
     splits = tmp_path / "splits.csv"

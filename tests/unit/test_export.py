@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from export.onnx_export import INPUT_NAME, OUTPUT_NAME, ExportCheckError, export_onnx, main
+from lesionserve.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ExportCheckError, export_onnx, main
 from lesionserve.models import create_backbone, save_checkpoint
 
 
@@ -51,8 +51,8 @@ def test_export_onnx_takes_the_trained_size_from_the_checkpoint_when_trained_sma
 
 
 def test_random_artifacts_record_and_serve_the_given_input_size_when_asked(tmp_path):
-    from export.assemble import served_input_sizes
-    from export.random_artifacts import build_random_artifacts
+    from lesionserve.export.assemble import served_input_sizes
+    from lesionserve.export.random_artifacts import build_random_artifacts
     from lesionserve.models import checkpoint_input_size
     from lesionserve.spec import BACKBONE_NAMES
 

@@ -8,8 +8,8 @@ from google.protobuf import text_format
 from google.protobuf.json_format import MessageToDict
 from tritonclient.grpc import model_config_pb2
 
-from export.assemble import DEFAULT_REPOSITORY
-from export.tensorrt import engine_profile
+from lesionserve.export.assemble import DEFAULT_REPOSITORY
+from lesionserve.export.tensorrt import engine_profile
 from lesionserve.spec import (
     BACKBONE_INPUT,
     BACKBONE_MAX_BATCH,

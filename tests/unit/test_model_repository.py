@@ -9,7 +9,7 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2
 
-from export.assemble import DEFAULT_REPOSITORY, AssembleError, assemble, set_input_sizes, set_views
+from lesionserve.export.assemble import DEFAULT_REPOSITORY, AssembleError, assemble, set_input_sizes, set_views
 from lesionserve.calibration import Calibration
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_NAMES, BACKBONES, CLASS_NAMES, GPU_VARIANTS, NUM_CLASSES, input_sizes
 from lesionserve.triton_config import square_size

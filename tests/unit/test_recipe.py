@@ -13,19 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from lesionserve.spec import CLASS_NAMES
-from training.augment import AugmentedDataset, augment, class_levels, level_for_ratio
-from training.config import ConfigError, TrainConfig, load_recipes, resolve_config
-from training.curves import plot_curves
-from training.data import Sample
-from training.losses import focal_loss
-from training.pretrained import (
+from lesionserve.training.augment import AugmentedDataset, augment, class_levels, level_for_ratio
+from lesionserve.training.config import ConfigError, TrainConfig, load_recipes, resolve_config
+from lesionserve.training.curves import plot_curves
+from lesionserve.training.data import Sample
+from lesionserve.training.losses import focal_loss
+from lesionserve.training.pretrained import (
     PretrainedMismatchError,
     PretrainedUnavailableError,
     load_pretrained,
     unwrap_state_dict,
 )
-from training.sampling import EpochSampler, cap_per_class
-from training.train import build_parser, warmup_cosine
+from lesionserve.training.sampling import EpochSampler, cap_per_class
+from lesionserve.training.train import build_parser, warmup_cosine
 
 MEL = CLASS_NAMES.index("MEL")
 NV = CLASS_NAMES.index("NV")

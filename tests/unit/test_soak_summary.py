@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.soak import MB, LoadResult, Sample, SoakConfig, main, summarize, windows
+from lesionserve.benchmarks.soak import MB, LoadResult, Sample, SoakConfig, main, summarize, windows
 
 CLEAN = {"stubs": [], "regions": []}
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from lesionserve.spec import CLASS_NAMES
-from training.data import DatasetError, Sample, load_dataset
-from training.splits import (
+from lesionserve.training.data import DatasetError, Sample, load_dataset
+from lesionserve.training.splits import (
     lesion_overlap,
     load_or_create_splits,
     main,
@@ -19,7 +19,7 @@ from training.splits import (
     split_summary,
     write_splits,
 )
-from training.synthetic import generate_dataset
+from lesionserve.synthetic import generate_dataset
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from lesionserve.spec import CLASS_NAMES
-from training import synthetic
-from training.synthetic import (
+from lesionserve import synthetic
+from lesionserve.synthetic import (
     CONFIRM_TYPES,
     DatasetPaths,
     balanced_class_counts,

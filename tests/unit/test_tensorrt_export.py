@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from export import tensorrt as trt_export
-from export.tensorrt import (
+from lesionserve.export import tensorrt as trt_export
+from lesionserve.export.tensorrt import (
     DeviceInfo,
     EngineOptions,
     Profile,

@@ -15,7 +15,7 @@ import torch
 from lesionserve.models import load_checkpoint
 from lesionserve.preprocessing import decode_image, preprocess_rgb
 from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
-from training.data import (
+from lesionserve.training.data import (
     DatasetError,
     LesionDataset,
     Sample,
@@ -25,10 +25,10 @@ from training.data import (
     stratified_split,
     validation_samples,
 )
-import training.train
-from training.metrics import balanced_accuracy, confusion_matrix, per_class_recall
-from training.splits import load_or_create_splits
-from training.train import TrainConfig, main, train
+import lesionserve.training.train
+from lesionserve.training.metrics import balanced_accuracy, confusion_matrix, per_class_recall
+from lesionserve.training.splits import load_or_create_splits
+from lesionserve.training.train import TrainConfig, main, train
 
 INPUT = "ISIC2018_Task3_Training_Input"
 TRUTH = "ISIC2018_Task3_Training_GroundTruth"
@@ -326,7 +326,7 @@ def test_train_cli_exits_with_message_when_data_dir_missing(tmp_path, capsys):
 def test_recompute_bn_stats_sets_exact_feature_mean_when_batches_are_equal_sized():
     from torch.utils.data import DataLoader, TensorDataset
 
-    from training.train import recompute_bn_stats
+    from lesionserve.training.train import recompute_bn_stats
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
@@ -352,7 +352,7 @@ def _tiny_backbone(name: str) -> torch.nn.Module:
 @pytest.fixture
 def tiny_backbone(monkeypatch):
     """Train loops below check the loop's logic, not ResNet50: a small model keeps them fast on 2 CPUs."""
-    monkeypatch.setattr(training.train, "create_backbone", _tiny_backbone)
+    monkeypatch.setattr(lesionserve.training.train, "create_backbone", _tiny_backbone)
 
 
 def tiny(tmp_path: Path, data: Path, out: str = "runs/r50", **overrides) -> dict:
@@ -368,12 +368,12 @@ def two_per_class(root: Path) -> Path:
 
 def fake_val_bacc(monkeypatch, values: list[float]) -> None:
     """Real validation, but the balanced accuracy the loop sees follows ``values`` epoch by epoch."""
-    real, scripted = training.train.validate, iter(values)
+    real, scripted = lesionserve.training.train.validate, iter(values)
 
     def validate(model, loader, rt):
         return {**real(model, loader, rt), "balanced_accuracy": next(scripted)}
 
-    monkeypatch.setattr(training.train, "validate", validate)
+    monkeypatch.setattr(lesionserve.training.train, "validate", validate)
 
 
 def test_train_resume_reaches_same_weights_when_split_into_one_plus_one_epochs(tmp_path, tiny_backbone):
@@ -463,7 +463,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, config: dict, results: st
     # What torchrun sets for each process.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    training.train.create_backbone = _tiny_backbone  # a fresh process: the fixture's patch does not reach it
+    lesionserve.training.train.create_backbone = _tiny_backbone  # a fresh process: the fixture's patch does not reach it
     metrics = train(config)
     Path(results, f"rank{rank}.json").write_text(json.dumps(metrics))
 

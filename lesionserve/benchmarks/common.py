@@ -38,7 +38,7 @@ def load_images(source: str, count: int, seed: int = 0) -> tuple[list[bytes], st
     if source == "synthetic":
         import cv2
 
-        from training.synthetic import render_lesion
+        from lesionserve.synthetic import render_lesion
 
         rng = np.random.default_rng(seed)
         images = []
@@ -62,7 +62,7 @@ def load_images(source: str, count: int, seed: int = 0) -> tuple[list[bytes], st
 def random_artifacts(out: Path, seed: int = 0) -> Path:
     """Random-weight artifacts at the native sizes (224/224/300), reused when already complete:
     an export costs about a minute on 2 cores."""
-    from export.random_artifacts import build_random_artifacts
+    from lesionserve.export.random_artifacts import build_random_artifacts
 
     out = Path(out)
     complete = all((out / name / "model.onnx").is_file() for name in BACKBONE_NAMES) and (out / "calibration.json").is_file()
@@ -83,7 +83,7 @@ def served_run_batch(backbone: str = "resnet50") -> int:
 @contextmanager
 def served(artifacts: Path, views: int, out: Path, log_name: str = "tritonserver.log") -> Iterator[TritonServer]:
     """The committed model repository with ``artifacts`` at ``views`` views, served on free ports."""
-    from export.assemble import assemble
+    from lesionserve.export.assemble import assemble
 
     repo = assemble(artifacts, out=out / f"repository_t{views}", views=views)
     server = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_path=out / log_name, startup_timeout=300)

@@ -20,7 +20,7 @@ def check_batch(input_size: int, batch: int = 3, seed: int = 0) -> np.ndarray:
     Uniform noise is no good here: trained networks map it to logits in the thousands, where
     float32 summation order alone moves logits by tens and the comparison says nothing.
     """
-    from training.synthetic import render_lesion
+    from lesionserve.synthetic import render_lesion
 
     rng = np.random.default_rng(seed)
     images = [render_lesion(CLASS_NAMES[i % len(CLASS_NAMES)], rng, (600, 450)) for i in range(batch)]

@@ -597,7 +597,7 @@ def validation_samples(config: Mapping[str, Any]) -> list[Sample]:
     by ``val_fraction`` and ``seed``, as the first training script did.
     """
     if config.get("splits"):
-        from training.splits import read_splits  # splits imports this module
+        from lesionserve.training.splits import read_splits  # splits imports this module
 
         return read_splits(config["splits"])["val"]
     samples = load_dataset(config["data"], layout=config.get("layout") or "auto")
