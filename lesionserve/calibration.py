@@ -1,7 +1,8 @@
 """The calibration file: fusion weights per backbone and class-specific decision thresholds.
 
-Written by ``training.calibrate``; read by the reference pipeline and the Triton ``fusion`` and
-``threshold`` models. The decision rule lives here too so every consumer applies the same one.
+Written by ``lesionserve.training.calibrate``; read by the reference pipeline and the Triton ``fusion``
+and ``threshold`` models. Which members and classes it must cover is the pipeline's declaration
+(:meth:`Calibration.check`, called at assembly). The decision rule lives here too so every consumer applies the same one.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lesionserve.arrays import array_ops
-from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
+from lesionserve.spec import CLASS_NAMES
 
 
 class CalibrationError(ValueError):
@@ -43,14 +44,9 @@ class Calibration:
     meta: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = set(self.weights) - set(BACKBONE_NAMES)
-        if unknown:
-            raise CalibrationError(f"weights for unknown backbones {sorted(unknown)}; known: {BACKBONE_NAMES}")
         if any(not np.isfinite(w) or w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
             raise CalibrationError(f"weights must be finite, non-negative and not all zero: {dict(self.weights)}")
         for name, theta in self.thresholds.items():
-            if name not in CLASS_NAMES:
-                raise CalibrationError(f"threshold for unknown class {name!r}; classes: {CLASS_NAMES}")
             if not 0.0 < theta < 1.0:
                 raise CalibrationError(f"threshold for {name} must lie in (0, 1), got {theta}")
         if sorted(self.threshold_order) != sorted(self.thresholds):
@@ -58,6 +54,19 @@ class Calibration:
                 f"threshold_order {list(self.threshold_order)} must list exactly the thresholded classes "
                 f"{sorted(self.thresholds)}"
             )
+
+    def check(self, members: Sequence[str], class_names: Sequence[str] = CLASS_NAMES) -> "Calibration":
+        """Refuse a file that does not fit a pipeline: weights for exactly ``members``, thresholds
+        only for ``class_names``. Returns self."""
+        problems = []
+        if set(self.weights) != set(members):
+            problems.append(f"weights are for {sorted(self.weights)}, the pipeline's members are {sorted(members)}")
+        unknown = sorted(set(self.thresholds) - set(class_names))
+        if unknown:
+            problems.append(f"thresholds for unknown classes {unknown}; classes: {', '.join(class_names)}")
+        if problems:
+            raise CalibrationError("calibration does not fit the pipeline: " + "; ".join(problems))
+        return self
 
     def weight_vector(self, backbones: Sequence[str]) -> np.ndarray:
         """Weights for ``backbones`` in that order, normalised to sum to 1."""
@@ -67,8 +76,9 @@ class Calibration:
         w = np.asarray([self.weights[b] for b in backbones], dtype=np.float64)
         return (w / w.sum()).astype(np.float32)
 
-    def decide(self, probs: Any) -> tuple[Any, Any]:
-        """Apply the decision rule to N x C fused probabilities (numpy array or torch tensor).
+    def decide(self, probs: Any, class_names: Sequence[str] = CLASS_NAMES) -> tuple[Any, Any]:
+        """Apply the decision rule to N x C fused probabilities (numpy array or torch tensor);
+        ``class_names`` is the class axis (the pipeline's).
 
         Returns (label indices N int64, fired N x C bool: which class thresholds fired per image),
         of the same kind as ``probs`` and on its device.
@@ -77,7 +87,7 @@ class Calibration:
         labels = xp.argmax(probs, axis=1)
         fired = xp.zeros(probs.shape, "bool", like=probs)
         for name in self.threshold_order:
-            c = CLASS_NAMES.index(name)
+            c = list(class_names).index(name)
             fired[:, c] = exceeds(probs[:, c], self.thresholds[name])
             labels = xp.where(fired[:, c], c, labels)
         return xp.astype(labels, "int64"), fired
@@ -112,6 +122,6 @@ class Calibration:
             raise CalibrationError(f"malformed calibration file {path}: {exc!r}") from None
 
     @classmethod
-    def uniform(cls, backbones: Sequence[str] = BACKBONE_NAMES) -> "Calibration":
+    def uniform(cls, backbones: Sequence[str]) -> "Calibration":
         """Equal weights and no thresholds: the pipeline before any calibration."""
         return cls(weights={b: 1.0 / len(backbones) for b in backbones}, meta={"source": "uniform"})

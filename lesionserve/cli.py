@@ -1,7 +1,12 @@
-"""``lesionserve`` command line: serve the model repository with the bundled tritonserver.
+"""``lesionserve`` command line: one entry point, a subcommand per job (each has its own --help).
 
+    lesionserve demo                             # the main job, end to end
+    lesionserve train --backbone resnet50 --data DIR --out runs/r50
+    lesionserve evaluate --artifacts runs/demo --data DIR
+    lesionserve repository --check               # committed model_repository/ == its declarations?
     lesionserve serve --artifacts runs/demo      # assemble runs/demo into model_repository, then serve
     lesionserve serve --grpc-port 9001           # serve model_repository as it is
+    lesionserve bench [harness|perf_analyzer|scaling|tuning|run_batch|soak] ...
 """
 from __future__ import annotations
 
@@ -121,9 +126,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
 
 
+#: Subcommands that run a module's own ``main(argv)``: name -> (module, one-line help).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("lesionserve.demo", "the main job: synthetic data -> training -> ONNX -> Triton -> SDK -> parity"),
+    "synthetic": ("lesionserve.synthetic", "write a synthetic ISIC-layout dataset (lesions that know their masks)"),
+    "splits": ("lesionserve.training.splits", "write lesion-grouped train/val/test splits once"),
+    "train": ("lesionserve.training.train", "train one architecture (recipe + overrides, resumable)"),
+    "multiseed": ("lesionserve.training.multiseed", "train every member over several seeds and summarise"),
+    "calibrate": ("lesionserve.training.calibrate", "fusion weights and MEL/AKIEC thresholds on validation"),
+    "evaluate": ("lesionserve.training.evaluate", "score artifacts on a split or on any labelled dataset folder"),
+    "export": ("lesionserve.export.onnx_export", "export a checkpoint to ONNX, checked against PyTorch"),
+    "random-artifacts": ("lesionserve.export.random_artifacts", "servable random-weight artifacts for any pipeline"),
+    "repository": ("lesionserve.repository", "generate (or --check) the model repository from the pipeline declarations"),
+    "assemble": ("lesionserve.export.assemble", "place exported weights and calibration into a repository"),
+    "tensorrt": ("lesionserve.export.tensorrt", "build TensorRT FP16 engines on the serving GPU"),
+}
+#: ``lesionserve bench NAME ...`` runs lesionserve.benchmarks.NAME; plain ``bench`` runs them all.
+BENCHMARKS = ("run_all", "harness", "perf_analyzer", "scaling", "tuning", "run_batch", "soak")
+
+
+def run_module(module: str, argv: list[str], prog: str) -> int:
+    """Run ``module.main(argv)`` with its usage lines naming ``prog`` (argparse reads sys.argv[0])."""
+    import importlib
+
+    saved = sys.argv[0]
+    sys.argv[0] = prog
+    try:
+        return int(importlib.import_module(module).main(argv) or 0)
+    finally:
+        sys.argv[0] = saved
+
+
+def cmd_bench(argv: list[str]) -> int:
+    name = argv[0] if argv and argv[0] in BENCHMARKS else "run_all"
+    rest = argv[1:] if argv and argv[0] in BENCHMARKS else argv
+    return run_module(f"lesionserve.benchmarks.{name}", rest, f"lesionserve bench {name}".replace(" run_all", ""))
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, text) in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)  # dispatched in main() before parsing
+    sub.add_parser("bench", help=f"benchmarks: all of them, or one of {', '.join(BENCHMARKS[1:])}", add_help=False)
     serve = sub.add_parser("serve", help="assemble (optional) and run tritonserver until Ctrl-C")
     serve.add_argument("--artifacts", type=Path, help="copy <artifacts>/<backbone>/model.onnx and calibration.json in first")
     add_server_args(serve)
@@ -132,6 +177,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return run_module(COMMANDS[argv[0]][0], argv[1:], f"lesionserve {argv[0]}")
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
     args = get_args_parser().parse_args(argv)
     return args.func(args)
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lesionserve.pipelines import LESION_ENSEMBLE
 from lesionserve.server import PROJECT_ROOT, TritonServer
-from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
+from lesionserve.spec import CLASS_NAMES
 
 
 def stage(number: int, text: str) -> None:
@@ -43,10 +44,11 @@ def run_demo(args: argparse.Namespace) -> float:
     data = generate_dataset(out / "data", num_images=args.num_images, seed=args.seed, overwrite=True)
     held_out = generate_dataset(out / "held_out", class_counts={c: 1 for c in CLASS_NAMES}, seed=args.seed + 1000, overwrite=True)
 
-    for backbone in BACKBONE_NAMES:
-        stage(2, f"training {backbone} ({args.epochs} epochs, from scratch)")
+    pipeline = LESION_ENSEMBLE  # the declaration says what to train, export and serve
+    for member in pipeline.members:
+        stage(2, f"training {member.name} ({member.architecture} @{member.preprocessing.size}, {args.epochs} epochs, from scratch)")
         train({
-            "backbone": backbone, "data": str(data.root), "out": str(out / backbone),
+            "backbone": member.architecture, "data": str(data.root), "out": str(out / member.name),
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "save_state": False,  # no resumable last.pt: the demo reruns from scratch anyway
         })
@@ -57,7 +59,7 @@ def run_demo(args: argparse.Namespace) -> float:
     print("  thresholds: " + ", ".join(f"{k} {v:.3f} ({calibration.meta['threshold_selection'][k]})" for k, v in calibration.thresholds.items()))
 
     stage(4, "exporting ONNX (each checked against PyTorch)")
-    for backbone in BACKBONE_NAMES:
+    for backbone in pipeline.member_names:
         r = export_onnx(out / backbone / "checkpoint.pt", out / backbone / "model.onnx")
         print(f"  {backbone}: max |ORT - torch| on logits {r.max_abs_diff:.2e} (limit {r.atol:.0e})")
 

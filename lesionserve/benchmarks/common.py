@@ -18,7 +18,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from lesionserve.server import PROJECT_ROOT, TritonServer
-from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
+from lesionserve.pipelines import LESION_ENSEMBLE
+from lesionserve.spec import CLASS_NAMES
 
 #: Real ISIC-size dermoscopy JPEGs (600x450), when this machine has them; never committed.
 REAL_IMAGES = PROJECT_ROOT.parent / "shared/data/isic-real/ham10000-native"
@@ -65,7 +66,7 @@ def random_artifacts(out: Path, seed: int = 0) -> Path:
     from lesionserve.export.random_artifacts import build_random_artifacts
 
     out = Path(out)
-    complete = all((out / name / "model.onnx").is_file() for name in BACKBONE_NAMES) and (out / "calibration.json").is_file()
+    complete = all((out / name / "model.onnx").is_file() for name in LESION_ENSEMBLE.member_names) and (out / "calibration.json").is_file()
     return out if complete else build_random_artifacts(out, seed=seed)
 
 

@@ -19,11 +19,11 @@ from lesionserve.calibration import Calibration
 from lesionserve.onnx_session import make_session, run_in_chunks
 from lesionserve.preprocessing import preprocess_batch
 from lesionserve.reference import ReferencePipeline
-from lesionserve.spec import BACKBONE_NAMES
+from lesionserve.pipelines import LESION_ENSEMBLE
 from lesionserve.views import make_views
 
 
-def onnx_sessions(artifacts: Path, threads: int, backbones: Sequence[str] = BACKBONE_NAMES) -> dict[str, ort.InferenceSession]:
+def onnx_sessions(artifacts: Path, threads: int, backbones: Sequence[str] = LESION_ENSEMBLE.member_names) -> dict[str, ort.InferenceSession]:
     """One session per backbone over ``<artifacts>/<backbone>/model.onnx``, configured as served."""
     return {name: make_session(Path(artifacts) / name / "model.onnx", threads) for name in backbones}
 

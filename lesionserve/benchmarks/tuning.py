@@ -30,7 +30,8 @@ from tqdm import tqdm
 from lesionserve.benchmarks.common import DEFAULT_OUT, cycle, load_images, measure, median, random_artifacts, write_json
 from lesionserve.benchmarks.pipelines import BackboneBound
 from lesionserve.server import TritonServer
-from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_NAMES
+from lesionserve.pipelines import LESION_ENSEMBLE
+from lesionserve.spec import ALLOWED_VIEWS
 
 KEYS = {"threads", "spin", "instances", "delay", "pre", "decode", "lock", "chunk"}
 #: The path from the first served settings to the committed ones, one change at a time.
@@ -75,7 +76,7 @@ def set_field(text: str, field: str, value: int, path: Path) -> str:
 
 def apply_variant(repository: Path, edits: dict[str, int]) -> None:
     """Edit the CPU config.pbtxt files of an assembled repository copy in place."""
-    for name in BACKBONE_NAMES:
+    for name in LESION_ENSEMBLE.member_names:
         path = repository / name / "config.pbtxt"
         text = path.read_text()
         if "threads" in edits:

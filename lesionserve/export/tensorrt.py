@@ -40,23 +40,22 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from lesionserve.pipelines import PIPELINES, declared_member
 from lesionserve.parity import DEFAULT_MAX_PROB_DIFF, DEFAULT_MIN_AGREEMENT, ParityReport, compare_logits
 from lesionserve.spec import (
     ALLOWED_VIEWS,
     BACKBONE_INPUT,
     BACKBONE_MAX_BATCH,
-    BACKBONE_NAMES,
     BACKBONE_OUTPUT,
     ENSEMBLE_MAX_BATCH,
-    get_backbone,
+    TENSORRT_OPT_BATCH,
     get_variant,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
 DEFAULT_WORKSPACE_GB = 4.0
-#: Four images of eight views: the middle of the backbones' preferred batch sizes (8..64).
-DEFAULT_OPT_BATCH = 32
+DEFAULT_OPT_BATCH = TENSORRT_OPT_BATCH
 #: 256 rows: one disagreement still meets 99.5 %, two do not.
 DEFAULT_CHECK_IMAGES = 256
 #: The check feeds the engine batches of these sizes in turn: the profile's min, a single image's
@@ -110,7 +109,8 @@ def engine_profile(
 ) -> Profile:
     """The profile for ``backbone``: batch 1 .. max_batch, which must hold a whole request's fan-out.
 
-    ``input_size``: the side the ONNX file takes (its trained size, see onnx_input_size); default the spec's.
+    ``input_size``: the side the ONNX file takes (its trained size, see onnx_input_size); default the
+    size its committed pipeline declares.
     """
     needed = ENSEMBLE_MAX_BATCH * max(ALLOWED_VIEWS)
     if max_batch < needed:
@@ -120,7 +120,7 @@ def engine_profile(
         )
     if not 1 <= opt_batch <= max_batch:
         raise ValueError(f"opt batch must lie in [1, {max_batch}], got {opt_batch}")
-    return Profile(BACKBONE_INPUT, input_size or get_backbone(backbone).input_size, 1, opt_batch, max_batch)
+    return Profile(BACKBONE_INPUT, input_size or declared_member(backbone).preprocessing.size, 1, opt_batch, max_batch)
 
 
 def onnx_input_size(onnx_path: str | Path) -> int:
@@ -465,6 +465,14 @@ def build_backbone(backbone: str, onnx_path: Path, plan_path: Path, options: Eng
     return metadata
 
 
+def engine_members(repository: Path) -> list[str]:
+    """Models of ``repository`` whose gpu variant serves a TensorRT plan (the ensembles' members);
+    for a folder without configs yet, the members the committed pipelines declare."""
+    found = sorted(p.parent.parent.name for p in repository.glob("*/configs/gpu.pbtxt")
+                   if 'platform: "tensorrt_plan"' in p.read_text())
+    return found or [m for p in PIPELINES.values() for m in p.member_names]
+
+
 def onnx_sources(repository: Path, artifacts: Path | None, backbones: Iterable[str]) -> dict[str, Path]:
     """Backbone -> ONNX file: ``<artifacts>/<b>/model.onnx`` or the repository's ``<b>/1/model.onnx``."""
     sources = {
@@ -501,8 +509,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", type=Path, help="read <DIR>/<backbone>/model.onnx (default: the repository's <backbone>/1/model.onnx)")
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write plans into (default %(default)s)")
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONE_NAMES), choices=BACKBONE_NAMES, metavar="NAME",
-                        help=f"which backbones (default all: {' '.join(BACKBONE_NAMES)})")
+    parser.add_argument("--backbones", nargs="+", metavar="NAME",
+                        help="which members (default: every model whose configs/gpu.pbtxt serves a TensorRT plan)")
     parser.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB, help="builder workspace limit in GiB (default %(default)s)")
     parser.add_argument("--timing-cache", type=Path, help="timing cache file, read if present and updated after each build")
     parser.add_argument("--opt-batch", type=int, default=DEFAULT_OPT_BATCH, help=f"profile's optimal batch (default %(default)s; the profile spans 1..{BACKBONE_MAX_BATCH})")
@@ -528,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"variant {variant.name} serves {variant.backbones}: no TensorRT engines to build")
         return 0
     repository = args.repository
+    members = engine_members(repository)
+    unknown = sorted(set(args.backbones or ()) - set(members))
+    if unknown:
+        parser.error(f"{', '.join(unknown)}: not a TensorRT member of {repository}; members: {', '.join(members)}")
+    args.backbones = args.backbones or members
     if args.print_trtexec:
         for b in args.backbones:
             onnx = (args.artifacts / b / "model.onnx") if args.artifacts else repository / b / "1" / "model.onnx"

@@ -10,10 +10,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
+from lesionserve.pipelines import LESION_ENSEMBLE
+from lesionserve.spec import CLASS_NAMES
 from lesionserve_client import LesionClient, UndecodableImageError
 
 pytestmark = pytest.mark.integration
+
+BACKBONE_NAMES = LESION_ENSEMBLE.member_names
 
 #: Triton (ONNX Runtime) vs the PyTorch eager reference, on fused and per-backbone probabilities.
 PARITY_ATOL = 1e-4

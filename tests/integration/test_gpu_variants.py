@@ -17,12 +17,14 @@ from tritonclient.grpc import model_config_pb2
 
 from lesionserve.export.assemble import assemble
 from lesionserve.parity import compare_probabilities
+from lesionserve.pipelines import LESION_ENSEMBLE
 from lesionserve.server import TritonServer
-from lesionserve.spec import BACKBONE_NAMES
 from lesionserve_client import LesionClient
 from tests.integration.test_ensemble import as_arrays, assert_parity
 
 pytestmark = pytest.mark.integration
+
+BACKBONE_NAMES = LESION_ENSEMBLE.member_names
 
 
 def _torch_backbones_on_cpu(repository) -> None:

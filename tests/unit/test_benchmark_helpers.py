@@ -73,7 +73,9 @@ def test_set_parameter_replaces_an_existing_value_and_adds_a_missing_one():
 
 def test_apply_variant_edits_every_backbone_and_preprocess(tmp_path):
     from lesionserve.server import PROJECT_ROOT
-    from lesionserve.spec import BACKBONE_NAMES
+    from lesionserve.pipelines import LESION_ENSEMBLE
+
+    BACKBONE_NAMES = LESION_ENSEMBLE.member_names
 
     for name in (*BACKBONE_NAMES, "preprocess"):
         (tmp_path / name).mkdir()

@@ -109,9 +109,7 @@ def test_calibration_round_trips_when_saved_and_loaded(tmp_path):
 @pytest.mark.parametrize(
     "payload, fragment",
     [
-        ({"weights": {"vgg": 1.0}}, "unknown backbones"),
         ({"weights": {"resnet50": -1.0}}, "non-negative"),
-        ({"weights": {"resnet50": 1.0}, "thresholds": {"XYZ": 0.3}, "threshold_order": ["XYZ"]}, "unknown class"),
         ({"weights": {"resnet50": 1.0}, "thresholds": {"MEL": 1.5}, "threshold_order": ["MEL"]}, r"\(0, 1\)"),
         ({"weights": {"resnet50": 1.0}, "thresholds": {"MEL": 0.5}}, "threshold_order"),
         ({"thresholds": {}}, "malformed"),
@@ -127,3 +125,18 @@ def test_calibration_load_raises_precise_error_when_file_is_invalid(tmp_path, pa
 def test_calibration_load_raises_when_file_missing(tmp_path):
     with pytest.raises(CalibrationError, match="not found"):
         Calibration.load(tmp_path / "nope.json")
+
+
+def test_calibration_check_refuses_a_file_for_other_members_or_classes_naming_both():
+    c = Calibration(weights={"vgg": 1.0}, thresholds={"XYZ": 0.3}, threshold_order=("XYZ",))
+    with pytest.raises(CalibrationError) as info:
+        c.check(["resnet50", "densenet121"])
+    assert "weights are for ['vgg'], the pipeline's members are ['densenet121', 'resnet50']" in str(info.value)
+    assert "thresholds for unknown classes ['XYZ']" in str(info.value)
+    assert Calibration(weights={"a": 1.0}, thresholds={"X": 0.4}, threshold_order=("X",)).check(["a"], ("X", "Y")).weights == {"a": 1.0}
+
+
+def test_decide_reads_the_pipelines_class_axis():
+    c = Calibration(weights={"a": 1.0}, thresholds={"Y": 0.3}, threshold_order=("Y",))
+    labels, fired = c.decide(np.array([[0.6, 0.4], [0.8, 0.2]], dtype=np.float32), class_names=("X", "Y"))
+    assert labels.tolist() == [1, 0] and fired.tolist() == [[False, True], [False, False]]

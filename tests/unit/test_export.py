@@ -54,10 +54,10 @@ def test_random_artifacts_record_and_serve_the_given_input_size_when_asked(tmp_p
     from lesionserve.export.assemble import served_input_sizes
     from lesionserve.export.random_artifacts import build_random_artifacts
     from lesionserve.models import checkpoint_input_size
-    from lesionserve.spec import BACKBONE_NAMES
+    from lesionserve.pipelines import LESION_ENSEMBLE
 
     with pytest.raises(ValueError, match="input_size must be >= 32"):
         build_random_artifacts(tmp_path / "tiny", input_size=16)
     artifacts = build_random_artifacts(tmp_path / "a", input_size=32)
-    assert served_input_sizes(artifacts, checkpoints=True) == {b: 32 for b in BACKBONE_NAMES}
+    assert served_input_sizes(artifacts, checkpoints=True) == {b: 32 for b in LESION_ENSEMBLE.member_names}
     assert checkpoint_input_size(artifacts / "resnet50" / "checkpoint.pt") == 32

@@ -1,4 +1,4 @@
-"""Every GPU variant config (configs/<variant>.pbtxt) parses and agrees with spec.py and the CPU configs."""
+"""Every GPU variant config (configs/<variant>.pbtxt) parses and agrees with the declaration and the CPU configs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,14 +8,13 @@ from google.protobuf import text_format
 from google.protobuf.json_format import MessageToDict
 from tritonclient.grpc import model_config_pb2
 
-from lesionserve.export.assemble import DEFAULT_REPOSITORY
+from lesionserve.pipelines import LESION_ENSEMBLE
+from lesionserve.repository import DEFAULT_REPOSITORY
 from lesionserve.export.tensorrt import engine_profile
 from lesionserve.spec import (
     BACKBONE_INPUT,
     BACKBONE_MAX_BATCH,
-    BACKBONE_NAMES,
     BACKBONE_OUTPUT,
-    BACKBONES,
     ENSEMBLE_MAX_BATCH,
     GPU_VARIANTS,
     NUM_CLASSES,
@@ -23,6 +22,7 @@ from lesionserve.spec import (
 from lesionserve.torch_runtime import DEFAULT_BUCKETS
 from lesionserve.triton_config import backbone_runtime, batch_buckets, device_for, flag
 
+BACKBONE_NAMES = LESION_ENSEMBLE.member_names
 STEPS = ("preprocess", "tta", "fusion", "threshold")
 KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
 KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
@@ -70,7 +70,7 @@ def test_step_variant_equals_cpu_config_except_device_when_committed(step, varia
 @pytest.mark.parametrize("variant", GPU_VARIANTS)
 @pytest.mark.parametrize("backbone", BACKBONE_NAMES)
 def test_backbone_variant_matches_spec_and_batches_dynamically_when_committed(backbone, variant):
-    cfg, size = config(backbone, variant), BACKBONES[backbone].input_size
+    cfg, size = config(backbone, variant), LESION_ENSEMBLE.input_sizes[backbone]
     assert [(i.name, list(i.dims)) for i in cfg.input] == [(BACKBONE_INPUT, [3, size, size])]
     assert [(o.name, list(o.dims)) for o in cfg.output] == [(BACKBONE_OUTPUT, [NUM_CLASSES])]
     assert cfg.max_batch_size == BACKBONE_MAX_BATCH >= ENSEMBLE_MAX_BATCH * 8

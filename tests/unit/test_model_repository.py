@@ -1,4 +1,4 @@
-"""The committed model repository agrees with lesionserve.spec, and assembly places artifacts right."""
+"""The committed model repository agrees with the seed ensemble's declaration, and assembly places artifacts right."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,12 +9,16 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2
 
-from lesionserve.export.assemble import DEFAULT_REPOSITORY, AssembleError, assemble, set_input_sizes, set_views
 from lesionserve.calibration import Calibration
-from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_NAMES, BACKBONES, CLASS_NAMES, GPU_VARIANTS, NUM_CLASSES, input_sizes
+from lesionserve.export.assemble import AssembleError, assemble
+from lesionserve.pipelines import LESION_ENSEMBLE
+from lesionserve.repository import DEFAULT_REPOSITORY
+from lesionserve.spec import ALLOWED_VIEWS, CLASS_NAMES, GPU_VARIANTS, NUM_CLASSES
 from lesionserve.triton_config import square_size
 
-MODELS = ("preprocess", "tta", *BACKBONE_NAMES, "fusion", "threshold", "lesion_ensemble")
+BACKBONE_NAMES = LESION_ENSEMBLE.member_names
+SIZES = LESION_ENSEMBLE.input_sizes
+MODELS = LESION_ENSEMBLE.model_names
 
 
 def load_config(name: str, repository: Path = DEFAULT_REPOSITORY, variant: str | None = None) -> model_config_pb2.ModelConfig:
@@ -37,12 +41,12 @@ def test_ensemble_parameters_match_spec_when_read_by_clients():
     assert config.parameters["backbones"].string_value.split(",") == list(BACKBONE_NAMES)
     outputs = {o.name: list(o.dims) for o in config.output}
     assert outputs == {"probs": [NUM_CLASSES], "label": [1], "backbone_probs": [len(BACKBONE_NAMES), NUM_CLASSES],
-                       "thresholds_fired": [NUM_CLASSES]}
+                       "thresholds_fired": [NUM_CLASSES], "error": [1]}
 
 
 def test_preprocess_outputs_one_tensor_per_distinct_backbone_resolution():
     config = load_config("preprocess")
-    assert sorted(square_size(o.dims) for o in config.output) == list(input_sizes())
+    assert sorted(square_size(o.dims) for o in config.output if o.name != "error") == sorted(set(SIZES.values()))
     assert config.max_batch_size == load_config("lesion_ensemble").max_batch_size
 
 
@@ -50,7 +54,7 @@ def test_preprocess_outputs_one_tensor_per_distinct_backbone_resolution():
 @pytest.mark.parametrize("variant", [None, "gpu"])
 def test_backbone_config_matches_spec_and_fits_fan_out(backbone, variant):
     config = load_config(backbone, variant=variant)
-    size = BACKBONES[backbone].input_size
+    size = SIZES[backbone]
     assert list(config.input[0].dims) == [3, size, size] and list(config.output[0].dims) == [NUM_CLASSES]
     # A whole request's fan-out must fit one backbone batch (checked at run time only by Triton).
     assert config.max_batch_size >= load_config("lesion_ensemble").max_batch_size * max(ALLOWED_VIEWS)
@@ -59,8 +63,9 @@ def test_backbone_config_matches_spec_and_fits_fan_out(backbone, variant):
 
 def test_ensemble_routes_each_backbone_to_its_resolution():
     steps = {s.model_name: s for s in load_config("lesion_ensemble").ensemble_scheduling.step}
-    for name, spec in BACKBONES.items():
-        assert steps[name].input_map["pixel_values"] == spec.input_tensor
+    for member in LESION_ENSEMBLE.members:
+        name = member.name
+        assert steps[name].input_map["pixel_values"] == member.views_tensor
         assert steps[name].output_map["logits"] == f"logits_{name}"
     fusion_inputs = [i.name for i in load_config("fusion").input if i.name.startswith("logits_")]
     assert fusion_inputs == [f"logits_{b}" for b in BACKBONE_NAMES]  # backbone axis order = spec order
@@ -85,8 +90,8 @@ def tiny_onnx(path: Path, size: int, input_name: str = "pixel_values") -> bytes:
 
 def _fake_artifacts(root: Path, sizes: dict[str, int] | None = None) -> Path:
     for b in BACKBONE_NAMES:
-        tiny_onnx(root / b / "model.onnx", (sizes or {}).get(b, BACKBONES[b].input_size))
-    Calibration.uniform().save(root / "calibration.json")
+        tiny_onnx(root / b / "model.onnx", (sizes or {}).get(b, SIZES[b]))
+    Calibration.uniform(BACKBONE_NAMES).save(root / "calibration.json")
     return root
 
 
@@ -113,7 +118,7 @@ def test_assemble_copies_repository_and_artifacts_when_out_given(tmp_path):
     repo = assemble(artifacts, out=tmp_path / "repo", views=2)
     for b in BACKBONE_NAMES:
         assert (repo / b / "1" / "model.onnx").read_bytes() == (artifacts / b / "model.onnx").read_bytes()
-    assert Calibration.load(repo / "threshold" / "1" / "calibration.json").weights == Calibration.uniform().weights
+    assert Calibration.load(repo / "threshold" / "1" / "calibration.json").weights == Calibration.uniform(BACKBONE_NAMES).weights
     assert load_config("tta", repo).parameters["views"].string_value == "2"
     for variant in GPU_VARIANTS:  # the GPU variants' tta serves the same T
         assert load_config("tta", repo, variant).parameters["views"].string_value == "2"
@@ -126,7 +131,7 @@ def test_assemble_places_checkpoints_when_asked_and_lists_missing_ones(tmp_path)
     with pytest.raises(AssembleError, match="resnet50/checkpoint.pt"):
         assemble(artifacts, out=tmp_path / "repo", checkpoints=True)
     for b in BACKBONE_NAMES:
-        _checkpoint(artifacts / b / "checkpoint.pt", b, BACKBONES[b].input_size)
+        _checkpoint(artifacts / b / "checkpoint.pt", b, SIZES[b])
     (artifacts / "resnet50" / "checkpoint.pt").write_bytes(b"weights of resnet50")
     with pytest.raises(AssembleError, match="resnet50/checkpoint.pt: not a readable LesionServe checkpoint"):
         assemble(artifacts, out=tmp_path / "repo", checkpoints=True)
@@ -167,27 +172,33 @@ def test_assemble_serves_each_backbone_at_its_trained_size_when_sizes_differ_fro
     repo = assemble(_fake_artifacts(tmp_path / "art", SMALL), out=tmp_path / "repo", views=2)
     # One tensor per distinct size: resnet50 and efficientnet_b3 share the 64 px views.
     pre = load_config("preprocess", repo)
-    assert {o.name: list(o.dims) for o in pre.output} == {"pixel_values_64": [3, 64, 64], "pixel_values_96": [3, 96, 96]}
+    assert {o.name: list(o.dims) for o in pre.output} == {
+        "pixel_values_64_imagenet": [3, 64, 64], "pixel_values_96_imagenet": [3, 96, 96], "error": [1]}
     tta = load_config("tta", repo)
-    assert {i.name: list(i.dims) for i in tta.input} == {"pixel_values_64": [-1, 3, 64, 64], "pixel_values_96": [-1, 3, 96, 96]}
-    assert [o.name for o in tta.output] == ["views_64", "views_96", "num_views"]
+    assert {i.name: list(i.dims) for i in tta.input} == {
+        "pixel_values_64_imagenet": [-1, 3, 64, 64], "pixel_values_96_imagenet": [-1, 3, 96, 96]}
+    assert [o.name for o in tta.output] == ["views_64_imagenet", "views_96_imagenet", "num_views"]
     assert tta.parameters["views"].string_value == "2"  # the view count is still applied
     steps = {s.model_name: s for s in load_config("lesion_ensemble", repo).ensemble_scheduling.step}
-    assert dict(steps["preprocess"].output_map) == {"pixel_values_64": "pixel_values_64", "pixel_values_96": "pixel_values_96"}
-    assert dict(steps["tta"].output_map) == {"views_64": "views_64", "views_96": "views_96", "num_views": "num_views"}
+    assert dict(steps["preprocess"].output_map) == {
+        "pixel_values_64_imagenet": "pixel_values_64_imagenet", "pixel_values_96_imagenet": "pixel_values_96_imagenet",
+        "error": "error"}
+    assert dict(steps["tta"].output_map) == {
+        "views_64_imagenet": "views_64_imagenet", "views_96_imagenet": "views_96_imagenet", "num_views": "num_views"}
     for b, size in SMALL.items():
-        assert steps[b].input_map["pixel_values"] == f"views_{size}"
+        assert steps[b].input_map["pixel_values"] == f"views_{size}_imagenet"
         for variant in (None, *GPU_VARIANTS):
             assert list(load_config(b, repo, variant).input[0].dims) == [3, size, size]
         ort_trt = load_config(b, repo, "gpu_ort").optimization.execution_accelerators.gpu_execution_accelerator[0]
         assert ort_trt.parameters["trt_profile_max_shapes"] == f"pixel_values:64x3x{size}x{size}"
     for variant in GPU_VARIANTS:  # GPU variants keep their instance kind, get the same tensors
         gpu_pre = load_config("preprocess", repo, variant)
-        assert [o.name for o in gpu_pre.output] == ["pixel_values_64", "pixel_values_96"]
+        assert [o.name for o in gpu_pre.output] == ["pixel_values_64_imagenet", "pixel_values_96_imagenet", "error"]
         assert gpu_pre.instance_group[0].kind == gpu_pre.instance_group[0].KIND_GPU
     assert load_config("fusion", repo) == load_config("fusion")  # nothing size-dependent: untouched
     assert (repo / "fusion" / "config.pbtxt").read_text() == (DEFAULT_REPOSITORY / "fusion" / "config.pbtxt").read_text()
-    assert [o.name for o in load_config("preprocess").output] == ["pixel_values_224", "pixel_values_300"]  # committed one untouched
+    assert [o.name for o in load_config("preprocess").output] == [
+        "pixel_values_224_imagenet", "pixel_values_300_imagenet", "error"]  # committed one untouched
 
 
 def test_assemble_keeps_committed_configs_byte_identical_when_trained_at_native_sizes(tmp_path):
@@ -203,7 +214,7 @@ def test_assemble_refuses_in_place_naming_sizes_when_trained_size_differs_from_r
     before = {p: p.read_text() for p in committed.rglob("*.pbtxt")}
     with pytest.raises(AssembleError) as info:
         assemble(_fake_artifacts(tmp_path / "art", {"efficientnet_b3": 128}), committed)
-    assert "efficientnet_b3 128 px (repository: 300)" in str(info.value) and "--out DIR" in str(info.value)
+    assert "efficientnet_b3 at 128 px (declared 300)" in str(info.value) and "--out DIR" in str(info.value)
     assert "resnet50" not in str(info.value)
     assert {p: p.read_text() for p in committed.rglob("*.pbtxt")} == before
     assert not any(committed.rglob("model.onnx"))
@@ -218,18 +229,24 @@ def test_assemble_refuses_checkpoint_whose_trained_size_differs_from_its_onnx_wh
     assemble(artifacts, out=tmp_path / "repo")  # without checkpoints the ONNX files alone decide
 
 
-def test_set_input_sizes_raises_when_backbone_unknown_or_size_not_positive(tmp_path):
-    repo = _committed_copy(tmp_path)
-    with pytest.raises(AssembleError, match="unknown backbone.*vgg16; choose from resnet50"):
-        set_input_sizes(repo, {"vgg16": 64})
-    with pytest.raises(AssembleError, match="positive integers"):
-        set_input_sizes(repo, {"resnet50": 0})
-
-
-def test_set_views_raises_when_count_not_allowed(tmp_path):
-    repo = assemble(_fake_artifacts(tmp_path / "art"), out=tmp_path / "repo")
+def test_assemble_refuses_views_in_place_and_a_calibration_for_other_members(tmp_path):
+    committed = _committed_copy(tmp_path)
+    with pytest.raises(AssembleError, match=r"lesion_ensemble would serve 2 views \(declared 8\).*--out DIR"):
+        assemble(_fake_artifacts(tmp_path / "art"), committed, views=2)
+    artifacts = _fake_artifacts(tmp_path / "art")
+    Calibration.uniform(["resnet50", "vgg16"]).save(artifacts / "calibration.json")
+    with pytest.raises(AssembleError, match=r"weights are for \['resnet50', 'vgg16'\], the pipeline's members are"):
+        assemble(artifacts, out=tmp_path / "repo")
     with pytest.raises(ValueError, match="views must be one of"):
-        set_views(repo, 3)
+        assemble(_fake_artifacts(tmp_path / "art"), out=tmp_path / "repo", views=3)
+
+
+def test_assemble_in_place_fills_the_committed_repository_without_changing_a_config(tmp_path):
+    committed = _committed_copy(tmp_path)
+    before = {p: p.read_text() for p in committed.rglob("*.pbtxt")}
+    assemble(_fake_artifacts(tmp_path / "art"), committed)
+    assert {p: p.read_text() for p in committed.rglob("*.pbtxt")} == before
+    assert all((committed / b / "1" / "model.onnx").is_file() for b in BACKBONE_NAMES)
 
 
 def test_weights_file_names_model_path_and_remedy_when_missing(tmp_path):

@@ -146,7 +146,7 @@ def test_serve_exits_2_with_assembly_error_before_starting_anything_when_artifac
     artifacts = _fake_artifacts(tmp_path / "art", {"resnet50": 128})
     assert cli_main(["serve", "--artifacts", str(artifacts), "--repository", str(_committed_copy(tmp_path))]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: the models were trained at other input sizes") and "resnet50 128 px (repository: 224)" in err
+    assert err.startswith("error: ") and "lesion_ensemble would serve resnet50 at 128 px (declared 224)" in err and "--out DIR" in err
 
 
 def test_mapped_shm_regions_lists_a_mapped_region_and_remove_shm_regions_unlinks_it(tmp_path):

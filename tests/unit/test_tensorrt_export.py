@@ -24,7 +24,10 @@ from lesionserve.export.tensorrt import (
     workspace_bytes,
 )
 from lesionserve.parity import ParityError, compare_logits, compare_probabilities
-from lesionserve.spec import BACKBONE_MAX_BATCH, BACKBONE_NAMES
+from lesionserve.pipelines import LESION_ENSEMBLE
+from lesionserve.spec import BACKBONE_MAX_BATCH
+
+BACKBONE_NAMES = LESION_ENSEMBLE.member_names
 from tests.unit.test_model_repository import tiny_onnx
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None

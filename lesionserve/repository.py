@@ -1,0 +1,433 @@
+"""The Triton model repository, generated from the pipeline declarations.
+
+    lesionserve repository                 # regenerate the committed model_repository/
+    lesionserve repository --check         # exit 1 listing every file that differs from a regeneration
+    lesionserve repository --out DIR --views 1
+
+Every ``config.pbtxt``, every GPU variant ``configs/<variant>.pbtxt`` and every ``1/model.py`` is
+written here, comments included, from :mod:`lesionserve.pipelines`: the committed files are exactly
+what :func:`render_repository` returns (a unit test regenerates and compares). Weights, calibration
+files and engines are not part of it: ``lesionserve assemble`` places them.
+
+The configs are written as text (not through protobuf) so that they keep their comments; a unit
+test parses each one with Triton's own ModelConfig schema.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from lesionserve.pipelines import PIPELINES, EnsemblePipeline, Member
+from lesionserve.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, GPU_VARIANTS, TENSORRT_OPT_BATCH, check_views
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
+
+#: None is the CPU variant (config.pbtxt); the others are configs/<name>.pbtxt.
+VARIANTS: tuple[str | None, ...] = (None, *GPU_VARIANTS)
+#: Files this module owns in a model folder; anything else there (weights, calibration) is assembly's.
+GENERATED_PATTERNS = ("config.pbtxt", "configs/*.pbtxt", "1/model.py", "1/.gitkeep")
+
+#: CPU serving settings, measured in benchmarks/RESULTS.md ("Tuning").
+CPU_INTRA_OP_THREADS = 2
+CPU_RUN_BATCH = 4
+DECODE_THREADS = 2
+#: The dynamic batcher waits this long for more rows: longer on CPU, where a batch costs far more.
+QUEUE_DELAY_US = {None: 2000, "gpu": 500, "gpu_ort": 500, "gpu_torch": 500}
+#: The TensorRT engine workspace of the gpu_ort variant (4 GiB).
+TRT_WORKSPACE_BYTES = 4 << 30
+
+GPU_STEP_HEADER = (
+    "# GPU variant {variant} (one such file per variant name: Triton picks configs/<name>.pbtxt with\n"
+    "# --model-config-name; all are generated from one declaration). Tensor work runs on the\n"
+    "# instance's GPU with torch and reaches the next step through DLPack:\n"
+    "#   {what}\n"
+)
+GPU_INPUTS_ANYWHERE = (
+    "# Inputs may arrive in GPU memory (no copy to the host); the model takes either.\n"
+    + '{param}\n'
+)
+
+
+# -- pbtxt text -----------------------------------------------------------------------------
+
+def _dims(dims: Sequence[int]) -> str:
+    return "[ " + ", ".join(str(d) for d in dims) + " ]"
+
+
+def _tensor(name: str, dtype: str, dims: Sequence[int]) -> str:
+    return f'{{ name: "{name}", data_type: {dtype}, dims: {_dims(dims)} }}'
+
+
+def _tensors(field: str, tensors: Sequence[str]) -> str:
+    if len(tensors) == 1:
+        return f"{field} [ {tensors[0]} ]\n"
+    return f"{field} [\n" + ",\n".join(f"  {t}" for t in tensors) + "\n]\n"
+
+
+def _param(key: str, value: object) -> str:
+    return f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+
+
+def _instances(variant: str | None) -> str:
+    return f"instance_group [ {{ count: 1, kind: {'KIND_CPU' if variant is None else 'KIND_GPU'} }} ]\n"
+
+
+def _head(name: str, backend: str, max_batch: int) -> str:
+    return f'name: "{name}"\nbackend: "{backend}"\nmax_batch_size: {max_batch}\n'
+
+
+def _gpu_step(variant: str | None, what: str) -> tuple[str, str]:
+    """(header, trailing parameter) of a python step in a GPU variant; empty strings on CPU."""
+    if variant is None:
+        return "", ""
+    return (GPU_STEP_HEADER.format(variant=variant, what=what),
+            GPU_INPUTS_ANYWHERE.format(param=_param("FORCE_CPU_ONLY_INPUT_TENSORS", "no").rstrip("\n")))
+
+
+# -- one model each -------------------------------------------------------------------------
+
+def preprocess_config(p: EnsemblePipeline, variant: str | None) -> str:
+    header, gpu = _gpu_step(variant, "decode and resize on the CPU (OpenCV), normalise on the GPU; outputs stay on the GPU.")
+    outputs = [_tensor(f"pixel_values_{pre.key}", "TYPE_FP32", (3, pre.size, pre.size)) for pre in p.preprocessings]
+    outputs.append(_tensor("error", "TYPE_STRING", (1,)))
+    norms = "".join(_param(f"normalize_pixel_values_{pre.key}", pre.normalization.to_parameter()) for pre in p.preprocessings)
+    return (
+        f"{header}"
+        f"# Encoded image bytes (one per batch row) -> normalised pixels for each distinct member input\n"
+        f"# (pixel_values_<size>_<normalisation>), decoded once and resized once per size; see\n"
+        f"# lesionserve/preprocessing.py. error: empty for a decoded row, else why the image could not be read\n"
+        f"# (that row's pixels are zeros and the pipeline reports the error in its place).\n"
+        + _head(p.step("preprocess"), "python", p.max_batch_size)
+        + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,))])
+        + _tensors("output", outputs)
+        + "# Per output: the normalisation (x/255 - mean) / std applied after resizing to its size.\n"
+        + norms
+        + "# Input limits, checked per image before decoding (pixels from the header); see docs/reliability.md.\n"
+        + _param("max_pixels", DEFAULT_MAX_PIXELS) + _param("max_bytes", DEFAULT_MAX_BYTES)
+        + gpu
+        + "# Decoding threads: a request's images decode side by side (OpenCV releases the GIL).\n"
+        + _param("decode_threads", DECODE_THREADS)
+        + _instances(variant)
+    )
+
+
+def tta_config(p: EnsemblePipeline, variant: str | None) -> str:
+    header, gpu = _gpu_step(variant, "the dihedral views are made on the GPU from preprocess's GPU outputs.")
+    ins = [_tensor(f"pixel_values_{pre.key}", "TYPE_FP32", (-1, 3, pre.size, pre.size)) for pre in p.preprocessings]
+    outs = [_tensor(f"views_{pre.key}", "TYPE_FP32", (-1, 3, pre.size, pre.size)) for pre in p.preprocessings]
+    outs.append(_tensor("num_views", "TYPE_INT32", (1,)))
+    return (
+        f"{header}"
+        "# Test-time augmentation fan-out: N images -> N*T deterministic dihedral views per member input.\n"
+        "# Non-batching (max_batch_size 0) because it changes the number of rows.\n"
+        + _head(p.step("tta"), "python", 0)
+        + _tensors("input", ins) + _tensors("output", outs)
+        + f"# T, the number of views per image: one of {', '.join(map(str, ALLOWED_VIEWS))} (identity, flips, rot180, transposes, rot90s).\n"
+        + _param("views", p.views)
+        + gpu + _instances(variant)
+    )
+
+
+def fusion_config(p: EnsemblePipeline, variant: str | None) -> str:
+    header, gpu = _gpu_step(variant, "softmax, view mean and weighted sum on the GPU; probs stay on the GPU for threshold.")
+    c, b = len(p.class_names), len(p.members)
+    ins = [_tensor(f"logits_{m.name}", "TYPE_FP32", (-1, c)) for m in p.members]
+    ins.append(_tensor("num_views", "TYPE_INT32", (1,)))
+    outs = [_tensor("probs", "TYPE_FP32", (-1, c)), _tensor("backbone_probs", "TYPE_FP32", (-1, b, c))]
+    return (
+        f"{header}"
+        "# Per-member logits of N*T views -> softmax per view, mean over views, weighted sum over members\n"
+        "# (in input order: that order is backbone_probs' member axis). Weights come from\n"
+        "# 1/calibration.json (written by calibration, placed by `lesionserve assemble`).\n"
+        + _head(p.step("fusion"), "python", 0)
+        + _tensors("input", ins) + _tensors("output", outs)
+        + gpu + _instances(variant)
+    )
+
+
+def threshold_config(p: EnsemblePipeline, variant: str | None) -> str:
+    header, gpu = _gpu_step(variant, "the rule runs where probs arrive; label and thresholds_fired leave for the host.")
+    c = len(p.class_names)
+    ins = [_tensor("probs", "TYPE_FP32", (-1, c)), _tensor("error", "TYPE_STRING", (-1, 1))]
+    outs = [_tensor("label", "TYPE_STRING", (-1, 1)), _tensor("thresholds_fired", "TYPE_BOOL", (-1, c))]
+    return (
+        f"{header}"
+        "# Fused probabilities -> final label: argmax, then class-specific thresholds (seed rule: AKIEC, then\n"
+        "# MEL; MEL wins). Thresholds come from 1/calibration.json; the rule is Calibration.decide. A row\n"
+        "# whose image could not be read (non-empty error) gets an empty label and no fired threshold.\n"
+        + _head(p.step("threshold"), "python", 0)
+        + _tensors("input", ins) + _tensors("output", outs)
+        + "# The class axis, in output order (label names come from here).\n"
+        + _param("class_names", ",".join(p.class_names))
+        + gpu + _instances(variant)
+    )
+
+
+def _backbone_io(p: EnsemblePipeline, m: Member) -> str:
+    size = m.preprocessing.size
+    return (
+        f"# >= ensemble max_batch_size ({p.max_batch_size}) x largest view count ({max(ALLOWED_VIEWS)}): "
+        "a request's whole fan-out fits one batch.\n"
+        f"max_batch_size: {p.member_max_batch}\n"
+        + _tensors("input", [_tensor(BACKBONE_INPUT, "TYPE_FP32", (3, size, size))])
+        + _tensors("output", [_tensor(BACKBONE_OUTPUT, "TYPE_FP32", (m.arch.num_classes,))])
+    )
+
+
+def _batching(p: EnsemblePipeline, variant: str | None) -> str:
+    sizes, n = [], p.max_batch_size
+    while n < p.member_max_batch:
+        sizes.append(n)
+        n *= 2
+    sizes.append(p.member_max_batch)
+    return (
+        "dynamic_batching {\n"
+        f"  preferred_batch_size: {_dims(sizes)}\n"
+        f"  max_queue_delay_microseconds: {QUEUE_DELAY_US[variant]}\n"
+        "}\n"
+    )
+
+
+def member_config(p: EnsemblePipeline, m: Member, variant: str | None) -> str:
+    """A member's config: python+ORT on CPU; TensorRT plan, ORT+TensorRT EP or torch on the GPU."""
+    arch, pre = m.arch, m.preprocessing
+    identity = (f"# {m.name}: {arch.timm_name} ({arch.family}) at {pre.size} px, {pre.normalization.name} "
+                f"normalisation, {arch.num_classes} classes.\n")
+    io = _backbone_io(p, m)
+    if variant is None:
+        return (
+            "# CPU variant: ONNX Runtime inside the python backend (this Triton build has no onnxruntime backend).\n"
+            f"# GPU variants: configs/{{{','.join(GPU_VARIANTS)}}}.pbtxt, selected with --model-config-name=NAME.\n"
+            + identity + f'name: "{m.name}"\nbackend: "python"\n' + io + _batching(p, variant)
+            + "# CPU tuning (benchmarks/RESULTS.md, \"Tuning\"): the members take turns on the cores\n"
+            "# (core_lock), each using both (intra_op_threads) without busy-waiting when idle (allow_spinning),\n"
+            "# in ORT runs of run_batch rows (larger runs cost more per row on CPU, and more memory).\n"
+            + _param("intra_op_threads", CPU_INTRA_OP_THREADS) + _param("allow_spinning", 0)
+            + _param("core_lock", "backbones") + _param("run_batch", CPU_RUN_BATCH)
+            + _instances(variant)
+        )
+    if variant == "gpu":
+        return (
+            "# Variant gpu: a TensorRT FP16 engine (1/model.plan) built on the serving GPU by\n"
+            "# `python -m export.tensorrt` (the compose engine-builder service) with the Triton image's TensorRT\n"
+            f"# release; its optimisation profile covers batch 1..{p.member_max_batch} (1/model.plan.json records it, with the\n"
+            "# TensorRT version and GPU the engine was built for: a plan runs only on that GPU architecture).\n"
+            + identity + f'name: "{m.name}"\nplatform: "tensorrt_plan"\ndefault_model_filename: "model.plan"\n'
+            + io + _batching(p, variant) + _instances(variant)
+        )
+    if variant == "gpu_ort":
+        batches = {"min": 1, "opt": min(TENSORRT_OPT_BATCH, p.member_max_batch), "max": p.member_max_batch}
+        shapes = {k: f"{BACKBONE_INPUT}:{n}x3x{pre.size}x{pre.size}" for k, n in batches.items()}
+        return (
+            "# Variant gpu_ort: Triton's onnxruntime backend on 1/model.onnx with the TensorRT execution provider\n"
+            "# in FP16 (CUDA EP for any node TensorRT cannot take). No engine build step: ONNX Runtime builds the\n"
+            "# TensorRT engine at first load and caches it under trt_engine_cache_path (a volume in compose), so\n"
+            "# later loads take seconds. The profile matches export.tensorrt's.\n"
+            + identity + f'name: "{m.name}"\nbackend: "onnxruntime"\ndefault_model_filename: "model.onnx"\n'
+            + io + _batching(p, variant) + _instances(variant)
+            + "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator: [\n      {\n"
+            '        name: "tensorrt"\n'
+            '        parameters { key: "precision_mode" value: "FP16" }\n'
+            f'        parameters {{ key: "max_workspace_size_bytes" value: "{TRT_WORKSPACE_BYTES}" }}\n'
+            '        parameters { key: "trt_engine_cache_enable" value: "1" }\n'
+            f'        parameters {{ key: "trt_engine_cache_path" value: "/engine_cache/{m.name}" }}\n'
+            + "".join(f'        parameters {{ key: "trt_profile_{k}_shapes" value: "{v}" }}\n' for k, v in shapes.items())
+            + "      }\n    ]\n  }\n}\n"
+        )
+    if variant == "gpu_torch":
+        return (
+            "# Variant gpu_torch: PyTorch FP16 inside the python backend on the training checkpoint\n"
+            "# (1/checkpoint.pt, placed by `lesionserve assemble --checkpoints`), one CUDA graph captured per\n"
+            "# batch size in preferred_batch_size + max_batch_size (a batch is padded to the next one). For GPU\n"
+            "# hosts without TensorRT; see lesionserve/torch_runtime.py.\n"
+            + identity + f'name: "{m.name}"\nbackend: "python"\n' + io + _batching(p, variant)
+            + _param("runtime", "torch") + _param("checkpoint_file", "checkpoint.pt")
+            + _param("precision", "fp16") + _param("cuda_graphs", "true")
+            + "# Inputs may arrive in GPU memory (tta's outputs): taken through DLPack without a host copy.\n"
+            + _param("FORCE_CPU_ONLY_INPUT_TENSORS", "no") + _instances(variant)
+        )
+    raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(GPU_VARIANTS)} (or None for CPU)")
+
+
+def _map(kind: str, pairs: Iterable[tuple[str, str]]) -> str:
+    return "".join(f'      {kind} {{ key: "{k}" value: "{v}" }}\n' for k, v in pairs)
+
+
+def _step(model: str, inputs: Iterable[tuple[str, str]], outputs: Iterable[tuple[str, str]]) -> str:
+    return (f'    {{\n      model_name: "{model}"\n      model_version: -1\n'
+            + _map("input_map", inputs) + _map("output_map", outputs) + "    }")
+
+
+def ensemble_config(p: EnsemblePipeline) -> str:
+    """The model clients call; it has no variants (its steps do)."""
+    c, b = len(p.class_names), len(p.members)
+    keys = [f"pixel_values_{pre.key}" for pre in p.preprocessings]
+    views = [f"views_{pre.key}" for pre in p.preprocessings]
+    logits = [f"logits_{m.name}" for m in p.members]
+    steps = [
+        _step(p.step("preprocess"), [("raw_image", "raw_image")], [(k, k) for k in keys] + [("error", "error")]),
+        _step(p.step("tta"), [(k, k) for k in keys], [(v, v) for v in views] + [("num_views", "num_views")]),
+        *(_step(m.name, [(BACKBONE_INPUT, m.views_tensor)], [(BACKBONE_OUTPUT, f"logits_{m.name}")]) for m in p.members),
+        _step(p.step("fusion"), [(x, x) for x in logits] + [("num_views", "num_views")],
+              [("probs", "probs"), ("backbone_probs", "backbone_probs")]),
+        _step(p.step("threshold"), [("probs", "probs"), ("error", "error")],
+              [("label", "label"), ("thresholds_fired", "thresholds_fired")]),
+    ]
+    outputs = [
+        _tensor("probs", "TYPE_FP32", (c,)), _tensor("label", "TYPE_STRING", (1,)),
+        _tensor("backbone_probs", "TYPE_FP32", (b, c)), _tensor("thresholds_fired", "TYPE_BOOL", (c,)),
+        _tensor("error", "TYPE_STRING", (1,)),
+    ]
+    return (
+        f"# Pipeline {p.name}: {p.description or 'an ensemble of ' + ', '.join(p.member_names)}.\n"
+        "# The model clients call: encoded images in; fused probabilities, label, per-member probabilities\n"
+        "# and fired thresholds out, one row per image. error: empty, or why that row's image could not be\n"
+        "# read (its other outputs then carry no prediction); the other rows are unaffected.\n"
+        f'name: "{p.name}"\nplatform: "ensemble"\nmax_batch_size: {p.max_batch_size}\n'
+        + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,))])
+        + _tensors("output", outputs)
+        + "# Read by the client SDK: the order of the class and member axes, and the TTA view count.\n"
+        + _param("class_names", ",".join(p.class_names)) + _param("backbones", ",".join(p.member_names))
+        + _param("views", p.views)
+        + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+    )
+
+
+def model_py(module: str, what: str) -> str:
+    return (f'"""Triton python model: {what}. Generated by `lesionserve repository`; the code is\n'
+            f'lesionserve.triton_models.{module}."""\n'
+            f"from lesionserve.triton_models.{module} import TritonPythonModel  # noqa: F401\n")
+
+
+STEP_CODE = {
+    "preprocess": (preprocess_config, "preprocess", "encoded images -> normalised pixels per member input"),
+    "tta": (tta_config, "tta", "pixels -> N*T dihedral views"),
+    "fusion": (fusion_config, "fusion", "member logits -> fused class probabilities"),
+    "threshold": (threshold_config, "threshold", "fused probabilities -> calibrated label"),
+}
+
+
+def render_pipeline(p: EnsemblePipeline) -> dict[str, str]:
+    """Relative path -> content of every generated file of one pipeline."""
+    files: dict[str, str] = {}
+
+    def add(model: str, variant: str | None, text: str) -> None:
+        files[f"{model}/config.pbtxt" if variant is None else f"{model}/configs/{variant}.pbtxt"] = text
+
+    for role, (render, module, what) in STEP_CODE.items():
+        model = p.step(role)
+        for variant in VARIANTS:
+            add(model, variant, render(p, variant))
+        files[f"{model}/1/model.py"] = model_py(module, what)
+    for m in p.members:
+        for variant in VARIANTS:
+            add(m.name, variant, member_config(p, m, variant))
+        files[f"{m.name}/1/model.py"] = model_py(
+            "backbone", f"member {m.name} ({m.arch.timm_name}); ONNX Runtime on model.onnx in the CPU variant, PyTorch FP16 "
+            "on checkpoint.pt in gpu_torch (the config's runtime parameter chooses; gpu and gpu_ort do not use this file)")
+    add(p.name, None, ensemble_config(p))
+    files[f"{p.name}/1/.gitkeep"] = ""  # Triton needs the version folder; git keeps no empty folder
+    return files
+
+
+def render_repository(pipelines: Sequence[EnsemblePipeline] = tuple(PIPELINES.values())) -> dict[str, str]:
+    """Relative path -> content for every pipeline; two pipelines may not declare one model name."""
+    files: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for p in pipelines:
+        for model in p.model_names:
+            if model in owner:
+                raise ValueError(f"model {model!r} is declared by pipelines {owner[model]!r} and {p.name!r}; "
+                                 "give members unique names or the pipeline a step_prefix")
+            owner[model] = p.name
+        files.update(render_pipeline(p))
+    return files
+
+
+def _generated_files(root: Path) -> set[str]:
+    """Relative paths under ``root`` that this module would own."""
+    found: set[str] = set()
+    for pattern in GENERATED_PATTERNS:
+        found.update(str(p.relative_to(root)) for p in root.glob(f"*/{pattern}"))
+    return found
+
+
+def write_repository(root: str | Path = DEFAULT_REPOSITORY,
+                     pipelines: Sequence[EnsemblePipeline] = tuple(PIPELINES.values())) -> list[Path]:
+    """Write every generated file under ``root``; remove generated files of models no longer declared.
+
+    Assembly's files (weights, calibration) are left alone. Returns the files written.
+    """
+    root = Path(root)
+    files = render_repository(pipelines)
+    models = {path.split("/", 1)[0] for path in files}
+    for stale in sorted(_generated_files(root) - set(files)):
+        (root / stale).unlink()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in models) if root.is_dir() else []:
+        if not any(f.is_file() for f in folder.rglob("*")):
+            shutil.rmtree(folder)
+    written = []
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_file() or path.read_text() != text:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)  # a server reading the repository never sees a half-written config
+            written.append(path)
+    return written
+
+
+def check_repository(root: str | Path = DEFAULT_REPOSITORY,
+                     pipelines: Sequence[EnsemblePipeline] = tuple(PIPELINES.values())) -> list[str]:
+    """Every difference between ``root`` and a regeneration: missing, differing and stale files."""
+    root = Path(root)
+    files = render_repository(pipelines)
+    problems = []
+    for rel, text in files.items():
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"missing: {rel}")
+        elif path.read_text() != text:
+            problems.append(f"differs: {rel}")
+    problems += [f"not declared: {rel}" for rel in sorted(_generated_files(root) - set(files))]
+    return problems
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lesionserve repository", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY, help="repository folder (default %(default)s)")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 listing each file that differs")
+    parser.add_argument("--views", type=int, choices=ALLOWED_VIEWS, help="serve this TTA view count (needs --out other than the committed folder)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    pipelines = list(PIPELINES.values())
+    if args.views is not None:
+        if args.out.resolve() == DEFAULT_REPOSITORY.resolve():
+            print(f"error: --views {args.views} changes the served pipeline; write it elsewhere with --out DIR", file=sys.stderr)
+            return 2
+        pipelines = [p.with_views(check_views(args.views)) for p in pipelines]
+    if args.check:
+        problems = check_repository(args.out, pipelines)
+        if problems:
+            print(f"{args.out} differs from its declaration (regenerate with `lesionserve repository`):", file=sys.stderr)
+            print("  " + "\n  ".join(problems), file=sys.stderr)
+            return 1
+        print(f"{args.out}: {len(render_repository(pipelines))} generated files, all equal to their declaration")
+        return 0
+    written = write_repository(args.out, pipelines)
+    print(f"{args.out}: {len(written)} file(s) written, {len(render_repository(pipelines))} generated in all")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
