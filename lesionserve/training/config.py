@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES, get_backbone
+from lesionserve.architectures import ARCHITECTURES, get_architecture
+from lesionserve.spec import CLASS_NAMES
 
 #: The recipe file used unless ``config`` names another one.
 RECIPES_PATH = Path(__file__).with_name("recipes.yaml")
@@ -54,7 +55,8 @@ def _fraction(v: float) -> bool:
 
 OPTIONS: dict[str, Option] = {
     # run-level: given by the caller, never by the recipe
-    "backbone": Option(str, "architecture to train", choices=BACKBONE_NAMES, in_recipe=False),
+    # No fixed choices: any registered architecture (lesionserve.architectures) trains; the error lists them.
+    "backbone": Option(str, "architecture to train (registered: " + ", ".join(ARCHITECTURES) + ")", in_recipe=False),
     "data": Option(str, "dataset: a folder (or file) that training.data.load_dataset reads", in_recipe=False, metavar="PATH"),
     "out": Option(str, "output folder (created; files overwritten)", in_recipe=False, metavar="DIR"),
     "config": Option(str, f"recipe YAML to use instead of {RECIPES_PATH.name}", nullable=True, in_recipe=False, metavar="FILE"),
@@ -77,7 +79,7 @@ OPTIONS: dict[str, Option] = {
                                    "before splitting (reduced runs)", nullable=True, check=_positive,
                                    check_text="positive", metavar="N"),
     "input_size": Option(int, "square input size in pixels (default: the backbone's native size: "
-                         + ", ".join(f"{n} {get_backbone(n).input_size}" for n in BACKBONE_NAMES) + ")",
+                         + ", ".join(f"{n} {a.input_size}" for n, a in ARCHITECTURES.items()) + ")",
                          nullable=True, check=lambda v: v >= MIN_INPUT_SIZE, check_text=f"at least {MIN_INPUT_SIZE}",
                          metavar="S"),
     # optimisation
@@ -171,7 +173,7 @@ def load_recipes(path: str | Path | None = None) -> dict[str, Any]:
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: section '{name}' must be a mapping")
     _check_keys(defaults, RECIPE_KEYS, f"{path} defaults")
-    _check_keys(backbones, BACKBONE_NAMES, f"{path} backbones")
+    _check_keys(backbones, tuple(ARCHITECTURES), f"{path} backbones")
     for name, section in [*(("backbones." + b, s) for b, s in backbones.items()),
                           *(("profiles." + p, s) for p, s in profiles.items())]:
         if not isinstance(section, dict):
@@ -245,7 +247,7 @@ def resolve_config(overrides: Mapping[str, Any] | Any) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if overrides.get(k) is None]
     if missing:
         raise ConfigError(f"missing required key(s): {', '.join(missing)}")
-    backbone = get_backbone(convert_value("backbone", overrides["backbone"]))  # ValueError lists valid names
+    backbone = get_architecture(convert_value("backbone", overrides["backbone"]))  # ValueError lists valid names
     recipe_file = convert_value("config", overrides.get("config"))
     profile = convert_value("profile", overrides.get("profile"))
     recipes = load_recipes(recipe_file)
@@ -297,7 +299,7 @@ def recipe_summary(key: str, recipes: Mapping[str, Any] | None = None) -> str:
     """'1e-4 (resnet50), 5e-5 (densenet121, ...)'-style text of a key's recipe values, for --help."""
     recipes = recipes if recipes is not None else load_recipes()
     values: dict[str, list[str]] = {}
-    for name in BACKBONE_NAMES:
+    for name in ARCHITECTURES:
         value = merge_recipe(recipes, name, None).get(key)
         values.setdefault("none" if value is None else str(value), []).append(name)
     if len(values) == 1:
