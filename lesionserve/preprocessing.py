@@ -1,8 +1,12 @@
 """Image preprocessing, defined once.
 
-decode -> RGB uint8 -> resize to the backbone's square input -> ImageNet normalisation (CHW float32).
+decode -> RGB uint8 -> resize to a member's square input -> its normalisation (CHW float32).
 Training's eval transform, the reference pipeline and the Triton ``preprocess`` model all call
 these functions, so the three cannot drift apart.
+
+A batch either raises on its first unreadable image (preprocess_batch: the reference pipeline and
+training need every image) or reports it in place (preprocess_batch_rows: the server answers the
+other images of the request, and names the unreadable ones in its ``error`` tensor).
 """
 from __future__ import annotations
 
@@ -10,13 +14,13 @@ import functools
 import io
 import re
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Hashable, Iterable, NamedTuple, Sequence
 
 import cv2
 import numpy as np
 
 from lesionserve.arrays import array_ops
-from lesionserve.spec import IMAGENET_MEAN, IMAGENET_STD
+from lesionserve.architectures import IMAGENET, Normalization
 
 #: Largest decoded image accepted (pixels). Larger headers are refused before decoding.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -29,12 +33,23 @@ ACCEPTED_FORMATS = "JPEG, PNG, BMP, TIFF, WebP"
 _HEADER_FORMATS = ["JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF"]
 _ACCEPTED_PIL = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP"}
 _BOMB_PIXELS_RE = re.compile(r"Image size \((\d+) pixels\)")
+#: Name of the tensor carrying each row's decode error: an output of the Triton ``preprocess``
+#: model, an input of ``threshold`` and an output of ``lesion_ensemble`` (see error_column).
+ERROR_TENSOR = "error"
 
-_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255.0
-_INV_STD = 1.0 / (np.asarray(IMAGENET_STD, dtype=np.float32) * 255.0)
-#: normalize()'s arithmetic evaluated once for every uint8 value of each channel (3 x 256, float32):
-#: the same float32 operations, so a lookup gives bit-identical results at a fifth of the cost.
-_NORMALIZE_LUT = (np.arange(256, dtype=np.float32)[None, :] - _MEAN[:, None]) * _INV_STD[:, None]
+
+
+@functools.lru_cache(maxsize=32)
+def _statistics(normalization: Normalization) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean*255, 1/(std*255), lookup table) of one normalisation, float32.
+
+    The table is normalize()'s arithmetic evaluated once for every uint8 value of each channel
+    (3 x 256): the same float32 operations, so a lookup gives bit-identical results at a fifth of the cost.
+    """
+    mean = np.asarray(normalization.mean, dtype=np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(normalization.std, dtype=np.float32) * 255.0)
+    lut = (np.arange(256, dtype=np.float32)[None, :] - mean[:, None]) * inv_std[:, None]
+    return mean, inv_std, lut
 
 # One OpenCV thread: the server runs several model instances on few cores; parallelism comes
 # from instances, not from OpenCV's own pool.
@@ -156,34 +171,43 @@ def resize(rgb: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=interpolation)
 
 
-def normalize(rgb: Any) -> Any:
-    """... x H x W x 3 uint8 RGB -> ... x 3 x H x W float32 with ImageNet mean/std.
+def normalize(rgb: Any, normalization: Normalization = IMAGENET) -> Any:
+    """... x H x W x 3 uint8 RGB -> ... x 3 x H x W float32, ``(x/255 - mean) / std``.
 
     A numpy array stays on the host; a torch tensor is normalised on its own device (the GPU
     variants send uint8 pixels to the GPU, a quarter of the float32 bytes, and normalise there).
     """
+    mean, inv_std, lut = _statistics(normalization)
     if isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8:
-        return _normalize_lut(rgb)
+        return _normalize_lut(rgb, lut)
     xp = array_ops(rgb)
     chw = xp.moveaxis(xp.astype(rgb, "float32"), -1, -3)
-    mean = xp.asarray(_MEAN, "float32", like=rgb)[:, None, None]
-    inv_std = xp.asarray(_INV_STD, "float32", like=rgb)[:, None, None]
+    mean = xp.asarray(mean, "float32", like=rgb)[:, None, None]
+    inv_std = xp.asarray(inv_std, "float32", like=rgb)[:, None, None]
     return (chw - mean) * inv_std
 
 
-def _normalize_lut(rgb: np.ndarray) -> np.ndarray:
+def _normalize_lut(rgb: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """normalize() for uint8 numpy input by table lookup, written straight into CHW planes."""
     if rgb.shape[-1] != 3:
         raise ValueError(f"expected ... x H x W x 3 RGB pixels, got shape {rgb.shape}")
     out = np.empty((*rgb.shape[:-3], 3, *rgb.shape[-3:-1]), dtype=np.float32)
     for channel in range(3):
-        np.take(_NORMALIZE_LUT[channel], rgb[..., channel], out=out[..., channel, :, :])
+        np.take(lut[channel], rgb[..., channel], out=out[..., channel, :, :])
     return out
 
 
-def preprocess_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+def preprocess_rgb(rgb: np.ndarray, size: int, normalization: Normalization = IMAGENET) -> np.ndarray:
     """HxWx3 uint8 RGB -> normalised 3 x size x size float32."""
-    return normalize(resize(rgb, size))
+    return normalize(resize(rgb, size), normalization)
+
+
+def input_spec(item: Any) -> tuple[int, Normalization]:
+    """(size, normalisation) of a batch function's input: a side length (ImageNet statistics) or an
+    object with ``size`` and ``normalization`` (lesionserve.pipelines.Preprocessing)."""
+    if isinstance(item, (int, np.integer)):
+        return int(item), IMAGENET
+    return int(item.size), item.normalization
 
 
 def preprocess_bytes(
@@ -194,16 +218,65 @@ def preprocess_bytes(
     return {size: preprocess_rgb(rgb, size) for size in sizes}
 
 
+class PreprocessedBatch(NamedTuple):
+    """A batch preprocessed row by row: one array per size, and each row's error.
+
+    ``errors[row]`` is "" for a decoded row, else the ImageDecodeError reason decode_image gave
+    (e.g. "image is 123 bytes; the limit is 100 bytes"); that row's pixels are all zeros.
+    """
+
+    pixels: dict[Any, Any]  # keyed by size (resize_batch_rows) or by input (preprocess_batch_rows)
+    errors: list[str]
+
+    @property
+    def failed(self) -> list[int]:
+        """Rows that could not be decoded, in order."""
+        return [row for row, error in enumerate(self.errors) if error]
+
+    def raise_first_error(self) -> None:
+        """Raise ImageDecodeError naming the index of the first row that could not be decoded."""
+        for index, error in enumerate(self.errors):
+            if error:
+                raise ImageDecodeError(f"undecodable image at index {index}: {error}")
+
+
 def _decode_resize(
-    item: tuple[int, bytes], sizes: tuple[int, ...], max_pixels: int, max_bytes: int
-) -> dict[int, np.ndarray]:
-    """One image of resize_batch: (index, bytes) -> {size: S x S x 3 uint8}."""
-    index, data = item
+    data: bytes, sizes: tuple[int, ...], max_pixels: int, max_bytes: int
+) -> dict[int, np.ndarray] | str:
+    """One image of resize_batch_rows: bytes -> {size: S x S x 3 uint8}, or the reason it is unreadable."""
     try:
         rgb = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
     except ImageDecodeError as exc:
-        raise ImageDecodeError(f"undecodable image at index {index}: {exc}") from None
+        return str(exc)
     return {size: resize(rgb, size) for size in sizes}
+
+
+def resize_batch_rows(
+    images: list[bytes],
+    sizes: Iterable[int],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    map_fn: Callable = map,
+) -> PreprocessedBatch:
+    """Decode each image once and resize it once per size: one N x S x S x 3 uint8 array per size.
+
+    Never raises ImageDecodeError: a row that cannot be decoded gets its reason in ``errors``
+    and zeros for pixels; every other row is exactly what resize_batch gives. ``map_fn``: e.g. a
+    thread pool's ``map`` to decode several images at once (OpenCV releases the GIL); results
+    are the same either way.
+    """
+    sizes = tuple(sizes)
+    work = functools.partial(_decode_resize, sizes=sizes, max_pixels=max_pixels, max_bytes=max_bytes)
+    per_image = list(map_fn(work, images))
+    errors = [p if isinstance(p, str) else "" for p in per_image]
+    pixels = {}
+    for size in sizes:
+        batch = np.zeros((len(per_image), size, size, 3), dtype=np.uint8)
+        for row, p in enumerate(per_image):
+            if not isinstance(p, str):
+                batch[row] = p[size]
+        pixels[size] = batch
+    return PreprocessedBatch(pixels, errors)
 
 
 def resize_batch(
@@ -213,35 +286,107 @@ def resize_batch(
     max_bytes: int = DEFAULT_MAX_BYTES,
     map_fn: Callable = map,
 ) -> dict[int, np.ndarray]:
-    """Decode each image once and resize it once per size: one N x S x S x 3 uint8 array per size.
-
-    ``map_fn``: e.g. a thread pool's ``map`` to decode several images at once (OpenCV releases
-    the GIL); results are the same either way. Raises ImageDecodeError naming the index of the
-    first image that cannot be decoded.
-    """
-    sizes = tuple(sizes)
-    work = functools.partial(_decode_resize, sizes=sizes, max_pixels=max_pixels, max_bytes=max_bytes)
-    per_image = list(map_fn(work, enumerate(images)))  # in order: the first bad index is raised
-    return {size: np.stack([p[size] for p in per_image]) for size in sizes}
+    """resize_batch_rows for callers that need every image: raises ImageDecodeError naming the
+    index of the first image that cannot be decoded ("undecodable image at index N: reason")."""
+    batch = resize_batch_rows(images, sizes, max_pixels=max_pixels, max_bytes=max_bytes, map_fn=map_fn)
+    batch.raise_first_error()
+    return batch.pixels
 
 
-def preprocess_batch(
-    images: list[bytes],
-    sizes: Iterable[int],
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    device: str | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    map_fn: Callable = map,
-) -> dict[int, Any]:
-    """Preprocess a batch of encoded images into one N x 3 x S x S float32 array per size.
-
-    ``device`` None: numpy on the host. ``device="cuda:0"``: decoding and resizing stay on the CPU
-    (OpenCV), the uint8 pixels are copied to the device and normalised there (torch tensors).
-    Raises ImageDecodeError naming the index of the first image that cannot be decoded.
-    """
-    resized = resize_batch(images, sizes, max_pixels=max_pixels, max_bytes=max_bytes, map_fn=map_fn)
+def _normalize_batches(resized: dict[int, np.ndarray], device: str | None, inputs: Sequence[Hashable]) -> dict[Any, Any]:
+    """N x S x S x 3 uint8 per size -> N x 3 x S x S float32 per input (its size, its statistics),
+    on the host or on ``device``. Inputs that share a size share its resized pixels."""
     if device is not None:
         from lesionserve.arrays import to_torch
 
         resized = {size: to_torch(batch, device) for size, batch in resized.items()}
-    return {size: array_ops(batch).contiguous(normalize(batch)) for size, batch in resized.items()}
+    out = {}
+    for item in inputs:
+        size, normalization = input_spec(item)
+        out[item] = array_ops(resized[size]).contiguous(normalize(resized[size], normalization))
+    return out
+
+
+def preprocess_batch(
+    images: list[bytes],
+    inputs: Iterable[Any],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    device: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    map_fn: Callable = map,
+) -> dict[Any, Any]:
+    """Preprocess a batch of encoded images into one N x 3 x S x S float32 array per input.
+
+    ``inputs``: side lengths (ImageNet statistics) or Preprocessing objects (a member's size and
+    normalisation); the result is keyed by them. Each image is decoded once and resized once per
+    distinct size, whatever the number of inputs.
+
+    ``device`` None: numpy on the host. ``device="cuda:0"``: decoding and resizing stay on the CPU
+    (OpenCV), the uint8 pixels are copied to the device and normalised there (torch tensors).
+    Raises ImageDecodeError naming the index of the first image that cannot be decoded (the
+    reference pipeline and training need every image; the server uses preprocess_batch_rows).
+    """
+    inputs = tuple(dict.fromkeys(inputs))
+    sizes = dict.fromkeys(input_spec(item)[0] for item in inputs)
+    resized = resize_batch(images, sizes, max_pixels=max_pixels, max_bytes=max_bytes, map_fn=map_fn)
+    return _normalize_batches(resized, device, inputs)
+
+
+def preprocess_batch_rows(
+    images: list[bytes],
+    inputs: Iterable[Any],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    device: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    map_fn: Callable = map,
+) -> PreprocessedBatch:
+    """preprocess_batch, row by row: never raises ImageDecodeError.
+
+    A row that cannot be decoded gets its reason in ``errors`` and all-zero pixels (zero after
+    normalisation, on ``device`` too); every other row is bit-identical to preprocess_batch's.
+    """
+    inputs = tuple(dict.fromkeys(inputs))
+    sizes = dict.fromkeys(input_spec(item)[0] for item in inputs)
+    resized = resize_batch_rows(images, sizes, max_pixels=max_pixels, max_bytes=max_bytes, map_fn=map_fn)
+    pixels = _normalize_batches(resized.pixels, device, inputs)
+    failed = resized.failed
+    if failed:
+        for batch in pixels.values():
+            batch[failed] = 0  # numpy and torch alike: the rows listed
+    return PreprocessedBatch(pixels, resized.errors)
+
+
+# -- the per-row ``error`` tensor (preprocess output, threshold input, ensemble output) ------------
+
+
+def error_column(errors: Sequence[str]) -> np.ndarray:
+    """``errors`` as the ``error`` tensor carries them: N x 1 np.object_ of UTF-8 bytes, b"" = decoded.
+
+    np.object_, not np.bytes_: Triton's BYTES tensors need it (np.bytes_ strips trailing NULs).
+    """
+    column = np.empty((len(errors), 1), dtype=np.object_)
+    column[:, 0] = [error.encode("utf-8") for error in errors]
+    return column
+
+
+def failed_rows(column: Any) -> np.ndarray:
+    """Which rows of an ``error`` tensor (N x 1 bytes or str) name an error: bool, length N."""
+    return np.array([len(error) > 0 for error in np.asarray(column, dtype=np.object_).reshape(-1)], dtype=bool)
+
+
+def clear_failed_rows(labels: np.ndarray, fired: np.ndarray, failed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The decision for rows preprocessing could not decode: label b"" and no threshold fired.
+
+    ``labels`` N x 1 (class names as bytes), ``fired`` N x C bool, ``failed`` N bool (failed_rows).
+    Returns copies; other rows are unchanged. A row count that differs is a broken pipeline: raise.
+    """
+    failed = np.asarray(failed, dtype=bool).reshape(-1)
+    if not labels.shape[0] == fired.shape[0] == failed.shape[0]:
+        raise ValueError(
+            f"error tensor has {failed.shape[0]} rows but the decision has {labels.shape[0]} labels "
+            f"and {fired.shape[0]} rows of fired thresholds"
+        )
+    labels, fired = labels.copy(), fired.copy()
+    labels[failed] = b""
+    fired[failed] = False
+    return labels, fired

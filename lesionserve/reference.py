@@ -15,8 +15,9 @@ import torch
 from lesionserve.calibration import Calibration
 from lesionserve.fusion import fuse
 from lesionserve.models import load_checkpoint, trained_input_size
+from lesionserve.pipelines import LESION_ENSEMBLE, EnsemblePipeline, Preprocessing
 from lesionserve.preprocessing import DEFAULT_MAX_PIXELS, preprocess_batch
-from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES, check_views, get_backbone
+from lesionserve.spec import check_views
 from lesionserve.views import make_views
 
 
@@ -24,14 +25,18 @@ from lesionserve.views import make_views
 class PipelineOutput:
     """Per-image outputs, the same tensors the ensemble returns."""
 
-    probs: np.ndarray  # N x 7 fused probabilities
-    backbone_probs: np.ndarray  # N x 3 x 7
+    probs: np.ndarray  # N x C fused probabilities
+    backbone_probs: np.ndarray  # N x members x C
     labels: list[str]  # final class names after thresholds
-    thresholds_fired: np.ndarray  # N x 7 bool
+    thresholds_fired: np.ndarray  # N x C bool
 
 
 class ReferencePipeline:
-    """``ReferencePipeline.from_artifacts("runs/demo", views=8).run([jpeg_bytes, ...])``."""
+    """``ReferencePipeline.from_artifacts("runs/demo", views=8).run([jpeg_bytes, ...])``.
+
+    Runs the members in ``models`` (a subset of ``pipeline``'s, in that order), each on the input
+    its declaration names, at ``input_sizes[member]`` where given (the size it was trained at).
+    """
 
     def __init__(
         self,
@@ -41,38 +46,44 @@ class ReferencePipeline:
         batch_size: int = 16,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         input_sizes: dict[str, int] | None = None,
+        pipeline: EnsemblePipeline = LESION_ENSEMBLE,
     ) -> None:
         self.models = {name: self.prepare(model) for name, model in models.items()}
         self.backbones = tuple(models)
         # A model trained at a reduced resolution (CPU experiments) is evaluated at that resolution.
-        self.input_sizes = {b: (input_sizes or {}).get(b, get_backbone(b).input_size) for b in self.backbones}
+        self.pipeline = pipeline.with_input_sizes({b: s for b, s in (input_sizes or {}).items() if b in self.backbones})
+        self.inputs: dict[str, Preprocessing] = {b: self.pipeline.member(b).preprocessing for b in self.backbones}
+        self.input_sizes = {b: pre.size for b, pre in self.inputs.items()}
         self.calibration = calibration
         self.weights = calibration.weight_vector(self.backbones)
         self.views = check_views(views)
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.sizes = tuple(sorted(set(self.input_sizes.values())))
+        self.preprocessings = tuple(dict.fromkeys(self.inputs.values()))
 
     @classmethod
     def from_artifacts(
         cls,
         artifacts: str | Path,
         views: int = 8,
-        backbones: Sequence[str] = BACKBONE_NAMES,
+        backbones: Sequence[str] | None = None,
         calibration: Calibration | None = None,
+        pipeline: EnsemblePipeline = LESION_ENSEMBLE,
         **kwargs,
     ) -> "ReferencePipeline":
-        """Load ``<artifacts>/<backbone>/checkpoint.pt`` and (unless given) ``<artifacts>/calibration.json``."""
+        """Load ``<artifacts>/<member>/checkpoint.pt`` for ``backbones`` (default: every member of
+        ``pipeline``) and (unless given) ``<artifacts>/calibration.json``."""
         artifacts = Path(artifacts)
         models, sizes = {}, {}
-        for name in backbones:
-            spec, model, payload = load_checkpoint(artifacts / name / "checkpoint.pt")
-            if spec.name != name:
-                raise ValueError(f"{artifacts / name / 'checkpoint.pt'} holds {spec.name}, expected {name}")
+        for name in backbones or pipeline.member_names:
+            expected = pipeline.member(name).architecture
+            arch, model, payload = load_checkpoint(artifacts / name / "checkpoint.pt")
+            if arch.name != expected:
+                raise ValueError(f"{artifacts / name / 'checkpoint.pt'} holds {arch.name}, expected {expected} (member {name})")
             models[name] = model
-            sizes[name] = trained_input_size(payload, spec)
+            sizes[name] = trained_input_size(payload, arch)
         calibration = calibration or Calibration.load(artifacts / "calibration.json")
-        return cls(models, calibration, views=views, input_sizes=sizes, **kwargs)
+        return cls(models, calibration, views=views, input_sizes=sizes, pipeline=pipeline, **kwargs)
 
     @staticmethod
     def prepare(model: torch.nn.Module) -> torch.nn.Module:
@@ -88,9 +99,9 @@ class ReferencePipeline:
 
     def run(self, images: Sequence[bytes]) -> PipelineOutput:
         """Classify encoded images; raises ImageDecodeError naming the first bad index."""
-        pixels = preprocess_batch(list(images), self.sizes, max_pixels=self.max_pixels)
-        views = {size: make_views(batch, self.views) for size, batch in pixels.items()}
-        logits = [self.backbone_logits(b, views[self.input_sizes[b]]) for b in self.backbones]
+        pixels = preprocess_batch(list(images), self.preprocessings, max_pixels=self.max_pixels)
+        views = {pre: make_views(batch, self.views) for pre, batch in pixels.items()}
+        logits = [self.backbone_logits(b, views[self.inputs[b]]) for b in self.backbones]
         probs, backbone_probs = fuse(logits, self.weights, self.views)
-        labels, fired = self.calibration.decide(probs)
-        return PipelineOutput(probs, backbone_probs, [CLASS_NAMES[i] for i in labels], fired)
+        labels, fired = self.calibration.decide(probs, self.pipeline.class_names)
+        return PipelineOutput(probs, backbone_probs, [self.pipeline.class_names[i] for i in labels], fired)

@@ -1,7 +1,8 @@
-"""The pipeline's constants, declared once.
+"""Constants every declaration shares, declared once.
 
-Class order, backbones and their input sizes, normalisation and the allowed view counts are read
-from here by training, export, the model repository checks and the reference pipeline.
+The ISIC class order, the allowed view counts, the members' tensor names and batch limits, and the
+GPU serving variants. What can be trained is declared in lesionserve.architectures; what is served,
+in lesionserve.pipelines.
 """
 from __future__ import annotations
 
@@ -11,60 +12,8 @@ from dataclasses import dataclass
 CLASS_NAMES: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 NUM_CLASSES = len(CLASS_NAMES)
 
-#: ImageNet statistics (RGB), as used by every timm backbone here.
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
 #: Test-time augmentation view counts the pipeline supports (prefixes of the dihedral group).
 ALLOWED_VIEWS: tuple[int, ...] = (1, 2, 4, 8)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """One backbone of the ensemble: its serving name, timm architecture and input size."""
-
-    name: str
-    timm_name: str
-    input_size: int
-
-    @property
-    def input_tensor(self) -> str:
-        """Name of the ensemble tensor carrying this backbone's resolution."""
-        return f"views_{self.input_size}"
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in (
-        BackboneSpec("resnet50", "resnet50", 224),
-        BackboneSpec("densenet121", "densenet121", 224),
-        BackboneSpec("efficientnet_b3", "efficientnet_b3", 300),
-    )
-}
-BACKBONE_NAMES: tuple[str, ...] = tuple(BACKBONES)
-
-
-def get_backbone(name: str) -> BackboneSpec:
-    """Return the spec for ``name`` or raise a ValueError listing the valid names."""
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}") from None
-
-
-def backbone_arg(value: str) -> str:
-    """argparse ``type=`` for a backbone name: the error lists the valid names."""
-    import argparse  # only command lines need it
-
-    try:
-        return get_backbone(value).name
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def input_sizes(backbones: tuple[str, ...] = BACKBONE_NAMES) -> tuple[int, ...]:
-    """Distinct input resolutions needed by ``backbones``, ascending."""
-    return tuple(sorted({get_backbone(b).input_size for b in backbones}))
 
 
 def check_views(views: int) -> int:

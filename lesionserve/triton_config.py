@@ -44,6 +44,18 @@ def weights_file(args: dict[str, str], config: dict[str, Any], key: str, default
     return path
 
 
+def output_preprocessing(config: dict[str, Any], output: dict[str, Any]) -> Any:
+    """The Preprocessing (size, normalisation) a preprocess output carries: the size from its dims,
+    the statistics from parameter ``normalize_<output name>`` (ImageNet when absent)."""
+    from lesionserve.architectures import IMAGENET, Normalization
+    from lesionserve.pipelines import Preprocessing
+
+    name = output["name"]
+    value = parameter(config, f"normalize_{name}", "")
+    normalization = Normalization.from_parameter(name, value) if value else IMAGENET
+    return Preprocessing(square_size(output["dims"]), normalization)
+
+
 def square_size(dims: list[int] | list[str]) -> int:
     """Side of a [..., 3, S, S] tensor's dims, checking that it is square RGB."""
     d = [int(x) for x in dims]

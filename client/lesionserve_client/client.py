@@ -211,11 +211,13 @@ class LesionClient:
         Each item may be a file path, encoded image bytes, or an HxWx3 uint8 RGB array.
 
         ``partial=False`` (default): raises InvalidImageError before contacting the server if any
-        item is unusable, UndecodableImageError if the server cannot decode one.
+        item is unusable, UndecodableImageError (the first, by index) if the server cannot decode one.
         ``partial=True``: such an image gets its error object (InvalidImageError or
         UndecodableImageError, with ``index`` and ``reason``) in its place in the returned list and
-        every other image still gets its result. Errors that are not about one image (server
-        unavailable, timeout, other server errors) are raised in both modes.
+        every other image still gets its result. Both modes send the same requests (one per
+        ``max_images_per_request`` images): the server reports each image's decode error in its
+        response, so bad images cost no extra round trip. Errors that are not about one image
+        (server unavailable, timeout, other server errors) are raised in both modes.
         """
         if isinstance(images, (str, bytes, bytearray, os.PathLike)) or (
             isinstance(images, np.ndarray) and images.ndim == 3
@@ -224,84 +226,39 @@ class LesionClient:
             raise TypeError("classify() takes a sequence of images; wrap a single image in a list")
         if self._closed:
             raise RuntimeError("LesionClient is closed")
-        if partial:
-            return self._classify_partial(images)
-        # Encode everything first so bad input fails fast and no request is wasted.
-        blobs = [to_image_bytes(image, index) for index, image in enumerate(images)]
-        if not blobs:
-            return []
-
-        info = self.model_info
-        size = self._request_size(info, len(blobs))
-        starts = range(0, len(blobs), size)
-        if len(starts) == 1:
-            return self._infer(info, 0, blobs)
-
-        futures = [self._pool().submit(self._infer, info, start, blobs[start : start + size]) for start in starts]
-        results: list[LesionResult] = []
-        try:
-            # Collect in submission order: results stay in input order, and on failure the
-            # error of the earliest failing request (lowest image index) is the one raised.
-            for future in futures:
-                results.extend(future.result())
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        return results
-
-    def _classify_partial(self, images: Sequence[ImageInput]) -> list[Union[LesionResult, ImageError]]:
-        """classify(partial=True): per-image errors take the place of results."""
         out: list[Union[LesionResult, ImageError, None]] = [None] * len(images)
-        items: list[tuple[int, bytes]] = []
+        items: list[tuple[int, bytes]] = []  # (index in the caller's list, encoded bytes)
         for index, image in enumerate(images):
             try:
                 items.append((index, to_image_bytes(image, index)))
             except InvalidImageError as exc:
+                if not partial:
+                    raise  # before anything is sent: bad input fails fast and no request is wasted
                 out[index] = exc
         if items:
             info = self.model_info
             size = self._request_size(info, len(items))
             chunks = [items[i : i + size] for i in range(0, len(items), size)]
-            if len(chunks) == 1:
-                done = [self._infer_partial(info, chunks[0])]
-            else:
-                futures = [self._pool().submit(self._infer_partial, info, chunk) for chunk in chunks]
-                try:
-                    done = [future.result() for future in futures]
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
-            for chunk in done:
-                for index, value in chunk:
-                    out[index] = value
+            for chunk, rows in zip(chunks, self._infer_chunks(info, chunks, partial)):
+                for (index, _), row in zip(chunk, rows):
+                    out[index] = row
         return out  # type: ignore[return-value]  # every slot is filled above
 
-    def _infer_partial(
-        self, info: ModelInfo, items: list[tuple[int, bytes]]
-    ) -> list[tuple[int, Union[LesionResult, ImageError]]]:
-        """Send ``items`` (caller index, bytes) as one request; on an undecodable image, set it
-        aside and resend the rest.
-
-        The server fails a whole request on its first bad row, naming that row: each retry drops
-        exactly one image, so k bad images cost k extra requests and no good image is lost.
-        """
-        done: list[tuple[int, Union[LesionResult, ImageError]]] = []
-        pending = list(items)
-        while pending:
-            try:
-                # offset 0: the error's index is then the row in ``pending``, mapped back below.
-                results = self._infer(info, 0, [blob for _, blob in pending])
-            except UndecodableImageError as exc:
-                if not 0 <= exc.index < len(pending):
-                    raise  # a row the request does not have: not an answer about one image
-                index, _ = pending.pop(exc.index)
-                done.append((index, UndecodableImageError(index, exc.reason)))
-                continue
-            done.extend((index, result) for (index, _), result in zip(pending, results))
-            break
-        return done
+    def _infer_chunks(
+        self, info: ModelInfo, chunks: list[list[tuple[int, bytes]]], partial: bool
+    ) -> list[list[Union[LesionResult, UndecodableImageError]]]:
+        """One request per chunk, concurrently when there are several; answers in chunk order."""
+        if len(chunks) == 1:
+            return [self._infer(info, chunks[0], partial)]
+        futures = [self._pool().submit(self._infer, info, chunk, partial) for chunk in chunks]
+        try:
+            # Collect in submission order: results stay in input order, and on failure the
+            # error of the earliest failing request (lowest image index) is the one raised.
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
     def _request_size(self, info: ModelInfo, total: int) -> int:
         """Images per request: the caller's choice capped by the server's limit."""
@@ -320,25 +277,36 @@ class LesionClient:
                 self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="lesionserve")
             return self._executor
 
-    def _infer(self, info: ModelInfo, offset: int, blobs: list[bytes]) -> list[LesionResult]:
-        """Send one request for ``blobs`` (images ``offset`` onwards of the caller's list)."""
-        tensor = InferInput(INPUT_NAME, [len(blobs), 1], "BYTES")
+    def _infer(
+        self, info: ModelInfo, items: list[tuple[int, bytes]], partial: bool
+    ) -> list[Union[LesionResult, UndecodableImageError]]:
+        """Send ``items`` ((index in the caller's list, bytes) pairs) as one request.
+
+        The server answers every row of it: an image it cannot decode gets its reason in the
+        ``error`` output, in place, so partial results never cost a second request. Unless
+        ``partial``, the first such image is raised as UndecodableImageError.
+        """
+        tensor = InferInput(INPUT_NAME, [len(items), 1], "BYTES")
         # np.object_, not np.bytes_: numpy's fixed-width bytes drop trailing NUL bytes.
-        tensor.set_data_from_numpy(np.array([[blob] for blob in blobs], dtype=np.object_))
+        tensor.set_data_from_numpy(np.array([[blob] for _, blob in items], dtype=np.object_))
         response = self._call(
             self._client.infer,
             self.model_name,
             inputs=[tensor],
             outputs=[InferRequestedOutput(name) for name in OUTPUT_NAMES],
-            offset=offset,
         )
-        return parse_response(response, info, len(blobs))
+        rows = parse_response(response, info, [index for index, _ in items])
+        if not partial:
+            for row in rows:
+                if isinstance(row, UndecodableImageError):
+                    raise row
+        return rows
 
     def backoff_delays(self) -> list[float]:
         """Seconds waited before each retry: ``backoff`` doubling up to ``max_backoff``."""
         return [min(self.backoff * 2**attempt, self.max_backoff) for attempt in range(self.retries)]
 
-    def _call(self, fn: Callable[..., _T], *args: Any, offset: int = 0, **kwargs: Any) -> _T:
+    def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """Run a tritonclient call within ``timeout`` (retries included), translating its exceptions
         in one place and retrying ServerUnavailableError with backoff."""
         start = time.monotonic()
@@ -350,7 +318,7 @@ class LesionClient:
             try:
                 return fn(*args, client_timeout=max(deadline - time.monotonic(), 0.001), **kwargs)
             except InferenceServerException as exc:
-                error = map_server_error(exc, url=self.url, timeout=self.timeout, offset=offset)
+                error = map_server_error(exc, url=self.url, timeout=self.timeout)
                 if not isinstance(error, ServerUnavailableError):
                     raise error from exc
                 delay = delays[attempt - 1] if attempt <= len(delays) else None

@@ -1,14 +1,9 @@
 """Exceptions raised by the client, and the single mapping from tritonclient's errors to them."""
 from __future__ import annotations
 
-import re
 from typing import Optional, Union
 
 from tritonclient.utils import InferenceServerException
-
-# The ensemble's decode step reports the failing row of *that* request in this form; the reason
-# stops at the line end so any traceback a backend appends stays out of it.
-_UNDECODABLE_RE = re.compile(r"undecodable image at index (\d+):[ \t]*([^\n]*)")
 
 
 class LesionServeError(Exception):
@@ -48,11 +43,15 @@ class ServerError(LesionServeError):
 
 
 class ModelConfigError(ServerError):
-    """The ensemble's model config lacks something the client needs (e.g. ``class_names``)."""
+    """The ensemble's model config lacks something the client needs (``class_names``,
+    ``backbones``, or the ``error`` output of a server that reports bad images per row)."""
 
 
 class UndecodableImageError(LesionServeError):
-    """The server could not decode one image; ``index`` refers to the caller's original list."""
+    """The server could not decode one image; ``index`` refers to the caller's original list.
+
+    ``reason`` is the server's own words, from the ensemble's per-row ``error`` output.
+    """
 
     def __init__(self, index: int, reason: str) -> None:
         self.index = index
@@ -60,13 +59,11 @@ class UndecodableImageError(LesionServeError):
         super().__init__(f"server could not decode images[{index}]: {reason}")
 
 
-def map_server_error(
-    exc: InferenceServerException, *, url: str, timeout: float, offset: int = 0
-) -> LesionServeError:
+def map_server_error(exc: InferenceServerException, *, url: str, timeout: float) -> LesionServeError:
     """Translate a tritonclient exception into this package's hierarchy.
 
-    ``offset`` is the index of the request's first image in the caller's list, so that a
-    row index reported by the server can be turned back into the caller's index.
+    A bad image never arrives here: the server answers it in the response's ``error`` output
+    (results.parse_response), so no message text is parsed for one.
     """
     status = exc.status() or ""
     message = exc.message() or str(exc)
@@ -82,9 +79,6 @@ def map_server_error(
             f"request to {url} timed out after {timeout:g}s (the client timeout); "
             "raise it if the server is busy"
         )
-    match = _UNDECODABLE_RE.search(message)
-    if match:
-        return UndecodableImageError(offset + int(match.group(1)), match.group(2).strip())
     return ServerError(f"server error{f' ({status})' if status else ''}: {message}", status=status or None)
 
 

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 from tritonclient.grpc import InferResult
 
-from .config import ModelInfo
-from .errors import ServerError
+from .config import ERROR_OUTPUT, ModelInfo
+from .errors import ServerError, UndecodableImageError
 
 #: Output tensor names of the ensemble, as fixed by the server contract.
-OUTPUT_NAMES: tuple[str, ...] = ("probs", "label", "backbone_probs", "thresholds_fired")
+OUTPUT_NAMES: tuple[str, ...] = ("probs", "label", "backbone_probs", "thresholds_fired", ERROR_OUTPUT)
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,34 @@ def _output(result: InferResult, name: str, shape: Sequence[int]) -> np.ndarray:
     return array
 
 
-def parse_response(result: InferResult, info: ModelInfo, count: int) -> list[LesionResult]:
-    """Turn one response covering ``count`` images into LesionResults, in row order."""
+def _text(value: Any) -> str:
+    """A BYTES element as text (tritonclient gives bytes; be lenient about a str)."""
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def parse_response(
+    result: InferResult, info: ModelInfo, indices: Sequence[int]
+) -> list[Union[LesionResult, UndecodableImageError]]:
+    """Turn one response into one item per row, in row order: a LesionResult, or for a row whose
+    ``error`` output is non-empty, UndecodableImageError(indices[row], that error).
+
+    ``indices[row]`` is the row's image's position in the caller's list.
+    """
+    count = len(indices)
     classes, backbones = info.class_names, info.backbones
     probs = _output(result, "probs", (count, len(classes)))
     labels = _output(result, "label", (count, 1))
     backbone_probs = _output(result, "backbone_probs", (count, len(backbones), len(classes)))
     fired = _output(result, "thresholds_fired", (count, len(classes))).astype(bool)
+    errors = _output(result, ERROR_OUTPUT, (count, 1))
 
-    results = []
-    for row in range(count):
+    results: list[Union[LesionResult, UndecodableImageError]] = []
+    for row, index in enumerate(indices):
+        error = _text(errors[row, 0])
+        if error:
+            # The server's words, as decode_image gave them; that row's other outputs mean nothing.
+            results.append(UndecodableImageError(index, error))
+            continue
         raw_label = labels[row, 0]
         label = raw_label.decode("utf-8") if isinstance(raw_label, bytes) else str(raw_label)
         if label not in classes:

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from lesionserve.architectures import IMAGENET, Normalization
 from lesionserve.onnx_session import make_session, run_in_chunks
 from lesionserve.preprocessing import preprocess_rgb
 from lesionserve.spec import CLASS_NAMES
 
 
-def check_batch(input_size: int, batch: int = 3, seed: int = 0) -> np.ndarray:
-    """Synthetic lesions through the shared preprocessing: inputs like the ones served.
+def check_batch(input_size: int, batch: int = 3, seed: int = 0, normalization: Normalization = IMAGENET) -> np.ndarray:
+    """Synthetic lesions through the shared preprocessing (the model's own statistics): inputs like the ones served.
 
     Uniform noise is no good here: trained networks map it to logits in the thousands, where
     float32 summation order alone moves logits by tens and the comparison says nothing.
@@ -24,7 +25,7 @@ def check_batch(input_size: int, batch: int = 3, seed: int = 0) -> np.ndarray:
 
     rng = np.random.default_rng(seed)
     images = [render_lesion(CLASS_NAMES[i % len(CLASS_NAMES)], rng, (600, 450)) for i in range(batch)]
-    return np.stack([preprocess_rgb(image, input_size) for image in images])
+    return np.stack([preprocess_rgb(image, input_size, normalization) for image in images])
 
 
 def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:

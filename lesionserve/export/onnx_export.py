@@ -46,10 +46,10 @@ class OnnxExportReport:
 def export_onnx(checkpoint: str | Path, out: str | Path, atol: float = DEFAULT_ATOL, batch: int = 3) -> OnnxExportReport:
     """Export ``checkpoint`` to ``out`` with a dynamic batch axis; fail if ORT and PyTorch disagree."""
     start = time.perf_counter()
-    spec, model, payload = load_checkpoint(checkpoint)
-    # The resolution the model was trained at (reduced-resolution CPU runs differ from the spec);
+    arch, model, payload = load_checkpoint(checkpoint)
+    # The resolution the model was trained at (reduced-resolution CPU runs differ from the declaration);
     # assembly serves the model at the size of this file's input.
-    size = trained_input_size(payload, spec)
+    size = trained_input_size(payload, arch)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".onnx.tmp")
@@ -70,14 +70,14 @@ def export_onnx(checkpoint: str | Path, out: str | Path, atol: float = DEFAULT_A
         )
     onnx.checker.check_model(str(tmp))
 
-    x = check_batch(size, batch)  # a batch size unlike the export example: proves the dynamic axis
+    x = check_batch(size, batch, normalization=arch.normalization)  # a batch size unlike the export example: proves the dynamic axis
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     got = ort_session(tmp).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
     max_diff = float(np.abs(got - expected).max())
     agreement = float((got.argmax(1) == expected.argmax(1)).mean())
     report = OnnxExportReport(
-        backbone=spec.name,
+        backbone=arch.name,
         onnx_path=str(out),
         input_size=size,
         opset=OPSET,
@@ -90,7 +90,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, atol: float = DEFAULT_A
     if not max_diff <= atol:
         tmp.unlink(missing_ok=True)
         raise ExportCheckError(
-            f"{spec.name}: ONNX Runtime differs from PyTorch by {max_diff:.3e} (> atol {atol:.1e}) on a batch of {batch}"
+            f"{arch.name}: ONNX Runtime differs from PyTorch by {max_diff:.3e} (> atol {atol:.1e}) on a batch of {batch}"
         )
     tmp.replace(out)
     out.with_suffix(".export.json").write_text(json.dumps(asdict(report), indent=2) + "\n")

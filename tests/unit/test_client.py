@@ -7,6 +7,7 @@ but responses are real ``tritonclient.grpc.InferResult`` objects built from a
 from __future__ import annotations
 
 import json
+import re
 import struct
 import sys
 import threading
@@ -45,14 +46,30 @@ BACKBONES = ("resnet50", "densenet121", "efficientnet_b3")
 THRESHOLD = 0.3
 
 
-def make_config(max_batch_size: int = 8, **overrides: Optional[str]) -> dict[str, Any]:
-    """The JSON form of get_model_config for the ensemble; a None override drops that parameter."""
+#: The ensemble's ``error`` output as get_model_config's JSON form writes it (int64 dims as strings).
+ERROR_OUTPUT = {"name": "error", "data_type": "TYPE_STRING", "dims": ["1"]}
+
+
+def make_config(
+    max_batch_size: int = 8, error_output: Optional[dict[str, Any]] = ERROR_OUTPUT, **overrides: Optional[str]
+) -> dict[str, Any]:
+    """The JSON form of get_model_config for the ensemble; a None override drops that parameter,
+    ``error_output=None`` the ``error`` output (a server older than per-row errors)."""
     params = {"class_names": ",".join(CLASSES), "backbones": ",".join(BACKBONES)}
     params.update(overrides)
+    outputs = [
+        {"name": "probs", "data_type": "TYPE_FP32", "dims": [str(len(CLASSES))]},
+        {"name": "label", "data_type": "TYPE_STRING", "dims": ["1"]},
+        {"name": "backbone_probs", "data_type": "TYPE_FP32", "dims": [str(len(BACKBONES)), str(len(CLASSES))]},
+        {"name": "thresholds_fired", "data_type": "TYPE_BOOL", "dims": [str(len(CLASSES))]},
+    ]
+    if error_output is not None:
+        outputs.append(error_output)
     return {
         "config": {
             "name": "lesion_ensemble",
             "max_batch_size": max_batch_size,
+            "output": outputs,
             "parameters": {k: {"string_value": v} for k, v in params.items() if v is not None},
         }
     }
@@ -80,14 +97,28 @@ def expected_result(blob: bytes) -> LesionResult:
     )
 
 
-def build_response(blobs: list[bytes], classes: tuple[str, ...] = CLASSES) -> InferResult:
-    """A real InferResult carrying the four ensemble outputs for ``blobs``, in raw_output_contents."""
+def _bytes_tensor(values: list[bytes]) -> bytes:
+    """Triton's raw BYTES encoding: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def build_response(
+    blobs: list[bytes], classes: tuple[str, ...] = CLASSES, undecodable: Optional[dict[bytes, str]] = None
+) -> InferResult:
+    """A real InferResult carrying the five ensemble outputs for ``blobs``, in raw_output_contents.
+
+    Blobs in ``undecodable`` are answered as the server answers an image it cannot decode: the
+    reason in ``error``, label b"", no threshold fired (probabilities meaningless).
+    """
+    undecodable = undecodable or {}
     n = len(blobs)
     outs = [fake_model(b) for b in blobs]
     probs = np.stack([o[0] for o in outs]).astype(np.float32)
     backbone = np.stack([o[1] for o in outs]).astype(np.float32)
-    labels = [classes[int(i)].encode() for i in probs.argmax(axis=1)]
-    fired = probs > THRESHOLD
+    bad = np.array([b in undecodable for b in blobs])
+    labels = [b"" if bad[row] else classes[int(i)].encode() for row, i in enumerate(probs.argmax(axis=1))]
+    fired = (probs > THRESHOLD) & ~bad[:, None]
+    errors = [undecodable.get(b, "").encode() for b in blobs]
     response = service_pb2.ModelInferResponse(model_name="lesion_ensemble", id="")
 
     def add(name: str, datatype: str, shape: list[int], raw: bytes) -> None:
@@ -97,7 +128,8 @@ def build_response(blobs: list[bytes], classes: tuple[str, ...] = CLASSES) -> In
         response.raw_output_contents.append(raw)
 
     # Deliberately not in the requested order: the client must look outputs up by name.
-    add("label", "BYTES", [n, 1], b"".join(struct.pack("<I", len(s)) + s for s in labels))
+    add("label", "BYTES", [n, 1], _bytes_tensor(labels))
+    add("error", "BYTES", [n, 1], _bytes_tensor(errors))
     add("probs", "FP32", [n, len(CLASSES)], probs.tobytes())
     add("thresholds_fired", "BOOL", [n, len(CLASSES)], fired.astype(np.bool_).tobytes())
     add("backbone_probs", "FP32", [n, len(BACKBONES), len(CLASSES)], backbone.tobytes())
@@ -113,6 +145,8 @@ class FakeTritonClient:
     on_infer: Optional[Callable[[list[bytes]], None]] = None
     #: Optional exception raised by get_model_config.
     config_error: Optional[Exception] = None
+    #: Blob -> reason: images this fake server cannot decode (answered in the ``error`` output).
+    undecodable: dict[bytes, str] = {}
 
     def __init__(
         self, url: str, verbose: bool = False, ssl: bool = False, root_certificates: Any = None, channel_args: Any = None
@@ -150,7 +184,7 @@ class FakeTritonClient:
         assert (tensor.name(), tensor.datatype()) == ("raw_image", "BYTES")
         blobs = [bytes(b) for b in deserialize_bytes_tensor(tensor._get_content())]
         assert tensor.shape() == [len(blobs), 1]
-        assert sorted(o.name() for o in outputs) == sorted(["probs", "label", "backbone_probs", "thresholds_fired"])
+        assert sorted(o.name() for o in outputs) == sorted(["probs", "label", "backbone_probs", "thresholds_fired", "error"])
         with self._lock:
             self.requests.append(blobs)
             self.timeouts.append(client_timeout)
@@ -160,7 +194,7 @@ class FakeTritonClient:
             if self.on_infer is not None:
                 type(self).on_infer(blobs)  # type: ignore[misc]
             names = self.config["config"]["parameters"]["class_names"]["string_value"]
-            return build_response(blobs, tuple(names.split(",")))
+            return build_response(blobs, tuple(names.split(",")), self.undecodable)
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -176,6 +210,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> type[FakeTritonClient]:
     monkeypatch.setattr(FakeTritonClient, "config", make_config())
     monkeypatch.setattr(FakeTritonClient, "on_infer", None)
     monkeypatch.setattr(FakeTritonClient, "config_error", None)
+    monkeypatch.setattr(FakeTritonClient, "undecodable", {})
     monkeypatch.setattr(client_module, "InferenceServerClient", FakeTritonClient)
     monkeypatch.setattr(FakeTritonClient, "sleeps", [], raising=False)
     # Retries wait through this seam: recorded, not slept, so error tests stay instant.
@@ -370,26 +405,38 @@ def test_classify_raises_request_timeout_error_with_timeout_when_deadline_exceed
         client.classify([b"x"])
 
 
-def test_classify_raises_undecodable_image_error_with_caller_index_when_a_later_request_fails(fake):
+#: Reasons in decode_image's own words, as the server's ``error`` output carries them.
+TRUNCATED = "cannot decode image (12 bytes): corrupt or truncated (accepted formats: JPEG, PNG, BMP, TIFF, WebP)"
+GIF = "GIF images are not accepted; accepted formats: JPEG, PNG, BMP, TIFF, WebP"
+TOO_BIG = "image is 123 bytes; the limit is 100 bytes"
+
+
+def test_classify_raises_first_undecodable_image_with_caller_index_when_a_later_request_reports_two(fake):
     blobs = blobs_of(19)
-    blobs[10] = b"not an image"
-
-    def decode(batch: list[bytes]) -> None:
-        if b"not an image" in batch:
-            row = batch.index(b"not an image")
-            raise InferenceServerException(
-                # A backend may append a traceback; it must not leak into ``reason``.
-                f"in ensemble 'lesion_ensemble', undecodable image at index {row}: cv2.imdecode returned None"
-                "\n\nAt:\n  model.py(24): execute",
-                status="StatusCode.INVALID_ARGUMENT",
-            )
-
-    fake.on_infer = staticmethod(decode)
+    blobs[10], blobs[13] = b"truncated", b"gif"
+    fake.undecodable = {b"truncated": TRUNCATED, b"gif": GIF}
     with LesionClient() as client, pytest.raises(UndecodableImageError) as info:
         client.classify(blobs)
-    assert info.value.index == 10  # row 2 of the second request, which starts at 8
-    assert info.value.reason == "cv2.imdecode returned None"
-    assert "images[10]" in str(info.value)
+    assert info.value.index == 10  # row 2 of the second request, which starts at 8: the first bad image
+    assert info.value.reason == TRUNCATED
+    assert str(info.value) == f"server could not decode images[10]: {TRUNCATED}"
+    sent = [blob for request in fake.instances[0].requests for blob in request]
+    assert len(sent) == len(set(sent))  # no image resent (the request after it may be cancelled unsent)
+
+
+def test_classify_raises_server_error_not_undecodable_when_a_message_only_reads_like_one(fake):
+    # The SDK parses no prose: a message in the old server's wording is just a server error.
+    def old_wording(batch: list[bytes]) -> None:
+        raise InferenceServerException(
+            "in ensemble 'lesion_ensemble', undecodable image at index 0: cannot decode image",
+            status="StatusCode.INVALID_ARGUMENT",
+        )
+
+    fake.on_infer = staticmethod(old_wording)
+    with LesionClient() as client, pytest.raises(ServerError) as info:
+        client.classify([b"x"], partial=True)
+    assert type(info.value) is ServerError and info.value.status == "StatusCode.INVALID_ARGUMENT"
+    assert "undecodable image at index 0: cannot decode image" in str(info.value)
 
 
 def test_classify_raises_server_error_keeping_message_when_other_server_failure(fake):
@@ -411,6 +458,44 @@ def test_classify_raises_model_config_error_when_config_lacks_parameter(fake, mi
     with LesionClient() as client, pytest.raises(ModelConfigError, match=f"no '{missing}' parameter"):
         client.classify([b"x"])
     assert fake.instances[0].requests == []
+
+
+def test_classify_raises_model_config_error_naming_the_output_when_server_predates_per_row_errors(fake):
+    fake.config = make_config(error_output=None)
+    with LesionClient() as client, pytest.raises(ModelConfigError) as info:
+        client.classify([b"x"], partial=True)
+    message = str(info.value)
+    assert "model 'lesion_ensemble' config has no 'error' output" in message
+    assert "(outputs: probs, label, backbone_probs, thresholds_fired)" in message
+    assert 'output { name: "error", data_type: TYPE_STRING, dims: [ 1 ] }' in message
+    assert fake.instances[0].requests == []
+
+
+@pytest.mark.parametrize(
+    ("declared", "seen"),
+    [({"name": "error", "data_type": "TYPE_FP32", "dims": ["1"]}, "TYPE_FP32 [1]"),
+     ({"name": "error", "data_type": "TYPE_STRING", "dims": ["2"]}, "TYPE_STRING [2]")],
+)
+def test_classify_raises_model_config_error_when_error_output_has_another_type_or_shape(fake, declared, seen):
+    fake.config = make_config(error_output=declared)
+    with LesionClient() as client, pytest.raises(ModelConfigError, match=rf"declares output 'error' as {re.escape(seen)}; expected"):
+        client.classify([b"x"])
+    assert fake.instances[0].requests == []
+
+
+def test_classify_raises_server_error_when_response_lacks_error_output(fake, monkeypatch):
+    real = build_response
+
+    def without_error(blobs: list[bytes], classes: tuple[str, ...] = CLASSES, undecodable: Any = None) -> InferResult:
+        response = real(blobs, classes)._result
+        index = [o.name for o in response.outputs].index("error")
+        del response.outputs[index]
+        del response.raw_output_contents[index]
+        return InferResult(response)
+
+    monkeypatch.setattr(sys.modules[__name__], "build_response", without_error)
+    with LesionClient() as client, pytest.raises(ServerError, match="response is missing output 'error'"):
+        client.classify([b"x"])
 
 
 def test_all_errors_derive_from_lesionserve_error_when_caught_generically():
@@ -481,7 +566,7 @@ def test_classify_does_not_retry_when_retries_is_zero(fake):
 @pytest.mark.parametrize(
     ("status", "message", "error"),
     [
-        ("StatusCode.INVALID_ARGUMENT", "undecodable image at index 0: not an image", UndecodableImageError),
+        ("StatusCode.INVALID_ARGUMENT", "inference request batch-size must be <= 8", ServerError),
         ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", RequestTimeoutError),
         ("StatusCode.INTERNAL", "Stub process 'resnet50_0_0' is not healthy.", ServerError),
     ],
@@ -621,7 +706,7 @@ def test_cli_prints_json_list_when_json_flag_given(fake, images, capsys):
     ("status", "message", "code"),
     [
         ("StatusCode.UNAVAILABLE", "failed to connect\nConnection refused", 3),
-        ("StatusCode.INVALID_ARGUMENT", "undecodable image at index 1: bad header", 2),
+        ("StatusCode.INVALID_ARGUMENT", "unexpected shape for input 'raw_image'", 2),
         ("StatusCode.INTERNAL", "boom", 2),
     ],
 )
@@ -635,6 +720,14 @@ def test_cli_prints_one_line_error_and_exit_code_when_request_fails(fake, images
     assert captured.out == ""
     err_lines = captured.err.splitlines()
     assert len(err_lines) == 1 and err_lines[0].startswith("error: ")
+
+
+def test_cli_exits_2_naming_image_and_reason_when_server_cannot_decode_one(fake, images, capsys):
+    fake.undecodable = {b"second image": GIF}
+    assert cli.main(["classify", *images]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"error: server could not decode images[1]: {GIF}\n"
 
 
 def test_cli_exits_2_naming_the_file_when_image_is_missing(fake, tmp_path, capsys):
@@ -656,50 +749,73 @@ def test_cli_help_describes_url_and_images_when_requested(capsys):
 # -- partial results ------------------------------------------------------------------------
 
 
-def undecodable_server(bad: set[bytes]) -> Callable[[list[bytes]], None]:
-    """An on_infer hook failing a request on its first blob in ``bad``, as the ensemble does."""
-
-    def decode(batch: list[bytes]) -> None:
-        for row, blob in enumerate(batch):
-            if blob in bad:
-                raise InferenceServerException(
-                    f"in ensemble 'lesion_ensemble', undecodable image at index {row}: cannot decode image",
-                    status="StatusCode.INVALID_ARGUMENT",
-                )
-
-    return decode
+def test_classify_answers_eight_images_with_three_bad_in_one_round_trip_when_partial(fake):
+    blobs = blobs_of(8)
+    reasons = {1: TRUNCATED, 4: GIF, 6: TOO_BIG}
+    for index, reason in reasons.items():
+        blobs[index] = b"bad-%d" % index
+        fake.undecodable[blobs[index]] = reason
+    with LesionClient() as client:
+        results = client.classify(blobs, partial=True)
+    assert fake.instances[0].requests == [blobs]  # exactly one infer call, every image in it
+    errors = {i: r for i, r in enumerate(results) if not isinstance(r, LesionResult)}
+    assert sorted(errors) == [1, 4, 6]
+    for index, error in errors.items():
+        assert type(error) is UndecodableImageError and error.index == index and error.reason == reasons[index]
+        assert str(error) == f"server could not decode images[{index}]: {reasons[index]}"
+    assert [results[i] for i in (0, 2, 3, 5, 7)] == [expected_result(blobs[i]) for i in (0, 2, 3, 5, 7)]
 
 
 def test_classify_returns_errors_in_place_and_other_results_when_partial_and_images_are_bad(fake, tmp_path):
     blobs = blobs_of(19)
-    bad = {b"bad-a", b"bad-b", b"bad-c"}
     blobs[1], blobs[9], blobs[10] = b"bad-a", b"bad-b", b"bad-c"  # two in the same request
+    fake.undecodable = {b"bad-a": TRUNCATED, b"bad-b": GIF, b"bad-c": TOO_BIG}
     images: list[Any] = list(blobs) + [str(tmp_path / "missing.jpg")]
-    fake.on_infer = staticmethod(undecodable_server(bad))
     with LesionClient(max_workers=3) as client:
         results = client.classify(images, partial=True)
     assert len(results) == 20
     for index, result in enumerate(results):
         if index in (1, 9, 10):
             assert isinstance(result, UndecodableImageError) and result.index == index
-            assert result.reason == "cannot decode image"
+            assert result.reason == fake.undecodable[blobs[index]]
         elif index == 19:
             assert isinstance(result, InvalidImageError) and result.index == 19 and "file not found" in result.reason
         else:
             assert result == expected_result(blobs[index])
-    # Good images were never dropped, and every resend left out exactly the image named.
-    sent = [b for request in fake.instances[0].requests for b in request]
-    assert all(b in sent for i, b in enumerate(blobs) if i not in (1, 9, 10))
-    assert len(fake.instances[0].requests) == 3 + 3
+    # The same three requests as without bad images: every image sent once, nothing resent.
+    requests = fake.instances[0].requests
+    assert sorted(len(r) for r in requests) == [3, 8, 8]
+    assert sorted(b for r in requests for b in r) == sorted(blobs)
+
+
+def test_classify_sends_the_same_requests_whether_partial_or_not_when_every_image_is_good(fake):
+    blobs = blobs_of(19)
+    with LesionClient(max_workers=1) as client:
+        strict = client.classify(blobs)
+        partial = client.classify(blobs, partial=True)
+    requests = fake.instances[0].requests
+    assert strict == partial and len(requests) == 6
+    assert sorted(map(tuple, requests[:3])) == sorted(map(tuple, requests[3:]))
 
 
 def test_classify_still_raises_when_not_partial_and_an_image_is_bad(fake):
     blobs = blobs_of(3)
     blobs[2] = b"bad"
-    fake.on_infer = staticmethod(undecodable_server({b"bad"}))
+    fake.undecodable = {b"bad": TOO_BIG}
     with LesionClient() as client, pytest.raises(UndecodableImageError) as info:
         client.classify(blobs)
-    assert info.value.index == 2
+    assert info.value.index == 2 and info.value.reason == TOO_BIG
+    assert str(info.value) == f"server could not decode images[2]: {TOO_BIG}"
+    assert len(fake.instances[0].requests) == 1
+
+
+def test_classify_returns_only_errors_in_one_request_when_partial_and_every_image_is_undecodable(fake):
+    blobs = [b"bad-0", b"bad-1", b"bad-2"]
+    fake.undecodable = {blob: f"reason {i}" for i, blob in enumerate(blobs)}
+    with LesionClient() as client:
+        results = client.classify(blobs, partial=True)
+    assert [(type(r), r.index, r.reason) for r in results] == [(UndecodableImageError, i, f"reason {i}") for i in range(3)]
+    assert len(fake.instances[0].requests) == 1
 
 
 def test_classify_raises_server_error_even_when_partial(fake):

@@ -20,7 +20,12 @@ hypothesis = pytest.importorskip("hypothesis", reason="hypothesis not installed 
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from lesionserve.preprocessing import ImageDecodeError, decode_image, preprocess_bytes  # noqa: E402
+from lesionserve.preprocessing import (  # noqa: E402
+    ImageDecodeError,
+    decode_image,
+    preprocess_batch_rows,
+    preprocess_bytes,
+)
 
 #: Small limits so a mutated header that declares a large image is refused, not decoded.
 MAX_PIXELS = 1_000_000
@@ -148,6 +153,24 @@ def test_decode_image_returns_rgb_or_image_decode_error_when_valid_files_are_mut
 )
 def test_decode_image_never_allocates_declared_size_when_png_header_lies(width, height, kind, payload):
     check_decode(png_declaring(width, height, *kind, payload))
+
+
+@settings(FUZZ, max_examples=100)  # up to 4 images an example: as many decodes as the single-image runs
+@given(st.lists(st.one_of(st.binary(max_size=1024), mutated(), st.sampled_from(sorted(SEEDS.values()))), min_size=1, max_size=4))
+def test_preprocess_batch_rows_never_raises_and_agrees_with_decode_image_row_by_row_when_batch_is_fuzzed(images):
+    # The server's path: a bad row must never fail the batch, and each row says exactly what
+    # decode_image says about that image alone.
+    batch = preprocess_batch_rows(images, (32,), max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES)
+    assert len(batch.errors) == len(images) and batch.pixels[32].shape == (len(images), 3, 32, 32)
+    for row, data in enumerate(images):
+        try:
+            alone = preprocess_bytes(data, (32,), max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES)[32]
+        except ImageDecodeError as exc:
+            assert batch.errors[row] == str(exc) and not batch.pixels[32][row].any()
+            continue
+        assert batch.errors[row] == ""
+        np.testing.assert_array_equal(batch.pixels[32][row], alone)
+    event(f"{len(batch.failed)} of {len(images)} rows unreadable")
 
 
 def test_decode_image_decodes_every_seed_except_gif_when_unmutated():

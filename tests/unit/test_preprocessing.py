@@ -1,6 +1,8 @@
 """Preprocessing, views and fusion: the numeric pieces shared by training, reference and Triton."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import cv2
 import numpy as np
 import pytest
@@ -8,13 +10,21 @@ import pytest
 from lesionserve.fusion import fuse, softmax
 from lesionserve.preprocessing import (
     ImageDecodeError,
+    clear_failed_rows,
     decode_image,
+    error_column,
+    failed_rows,
     normalize,
     preprocess_batch,
+    preprocess_batch_rows,
     preprocess_bytes,
     preprocess_rgb,
+    resize_batch,
+    resize_batch_rows,
 )
-from lesionserve.spec import IMAGENET_MEAN, IMAGENET_STD
+from lesionserve.architectures import IMAGENET
+
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET.mean, IMAGENET.std
 from lesionserve.views import make_views
 
 RED_RGB = (200, 30, 10)
@@ -111,6 +121,99 @@ def test_preprocess_batch_names_index_when_one_image_is_undecodable():
     good = _encode(_red_bgr(), ".png")
     with pytest.raises(ImageDecodeError, match=r"undecodable image at index 2: "):
         preprocess_batch([good, good, b"\x00garbage", good], (32,))
+
+
+def _mixed_batch() -> tuple[list[bytes], dict[int, str]]:
+    """Six images, three of them unreadable for different reasons (limit: max_bytes=20000)."""
+    rng = np.random.default_rng(5)
+    good = [_encode(rng.integers(0, 256, (20 + 7 * i, 30 + 5 * i, 3), dtype=np.uint8), ".png") for i in range(3)]
+    big = _encode(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8), ".bmp")  # > 20000 bytes
+    images = [good[0], b"\x00garbage", good[1], big, b"", good[2]]
+    bad = {1: b"\x00garbage", 3: big, 4: b""}
+    reasons = {}
+    for row, data in bad.items():
+        with pytest.raises(ImageDecodeError) as info:
+            decode_image(data, max_bytes=20000)
+        reasons[row] = str(info.value)
+    return images, reasons
+
+
+def test_preprocess_batch_rows_reports_each_bad_row_with_decode_image_reason_when_images_are_mixed():
+    images, reasons = _mixed_batch()
+    batch = preprocess_batch_rows(images, (16, 24), max_bytes=20000)
+    assert batch.errors == [reasons.get(row, "") for row in range(6)]
+    assert batch.errors[3] == f"image is {len(images[3])} bytes; the limit is 20000 bytes"  # no index prefix
+    assert batch.errors[4] == "empty input (0 bytes)"
+    assert batch.failed == [1, 3, 4]
+    good = [0, 2, 5]
+    alone = preprocess_batch([images[row] for row in good], (16, 24), max_bytes=20000)
+    for size in (16, 24):
+        pixels = batch.pixels[size]
+        assert pixels.shape == (6, 3, size, size) and pixels.dtype == np.float32 and pixels.flags.c_contiguous
+        np.testing.assert_array_equal(pixels[good], alone[size])  # bit-identical to the raising path
+        assert not pixels[[1, 3, 4]].any()  # zeros, not normalised black
+
+
+def test_resize_batch_rows_gives_zero_uint8_rows_for_bad_images_and_same_rows_with_a_thread_pool():
+    images, reasons = _mixed_batch()
+    plain = resize_batch_rows(images, (16,), max_bytes=20000)
+    with ThreadPoolExecutor(2) as pool:
+        pooled = resize_batch_rows(images, (16,), max_bytes=20000, map_fn=pool.map)
+    assert plain.errors == pooled.errors == [reasons.get(row, "") for row in range(6)]
+    np.testing.assert_array_equal(plain.pixels[16], pooled.pixels[16])
+    assert plain.pixels[16].dtype == np.uint8 and not plain.pixels[16][[1, 3, 4]].any()
+    np.testing.assert_array_equal(plain.pixels[16][[0, 2, 5]], resize_batch([images[r] for r in (0, 2, 5)], (16,))[16])
+
+
+def test_preprocess_batch_rows_returns_only_zeros_and_errors_when_every_image_is_bad():
+    batch = preprocess_batch_rows([b"", b"nope"], (8,))
+    assert batch.failed == [0, 1] and batch.errors[0] == "empty input (0 bytes)"
+    assert batch.pixels[8].shape == (2, 3, 8, 8) and not batch.pixels[8].any()
+
+
+def test_raising_batch_functions_name_the_first_bad_index_when_rows_have_errors():
+    images, reasons = _mixed_batch()
+    for fn in (resize_batch, preprocess_batch):
+        with pytest.raises(ImageDecodeError) as info:
+            fn(images, (16,), max_bytes=20000)
+        assert str(info.value) == f"undecodable image at index 1: {reasons[1]}"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_preprocess_batch_rows_on_torch_device_equals_host_with_zero_rows_when_images_are_mixed(device):
+    torch = pytest.importorskip("torch")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA not available: the GPU variant's preprocess runs on CUDA tensors only on an NVIDIA GPU host")
+    images, _ = _mixed_batch()
+    host = preprocess_batch_rows(images, (16, 24), max_bytes=20000)
+    dev = preprocess_batch_rows(images, (16, 24), device=device, max_bytes=20000)
+    assert dev.errors == host.errors
+    for size in (16, 24):
+        assert dev.pixels[size].device.type == device and dev.pixels[size].is_contiguous()
+        np.testing.assert_array_equal(dev.pixels[size].cpu().numpy(), host.pixels[size])
+
+
+def test_error_column_is_n_by_1_object_bytes_and_failed_rows_reads_it_back():
+    column = error_column(["", "image is 3 bytes; the limit is 2 bytes", "", "caf\u00e9 \x00"])
+    assert column.shape == (4, 1) and column.dtype == np.object_
+    assert column[1, 0] == b"image is 3 bytes; the limit is 2 bytes" and column[3, 0] == "caf\u00e9 \x00".encode()
+    assert failed_rows(column).tolist() == [False, True, False, True]
+    assert failed_rows(np.array([["x"], [""]], dtype=np.object_)).tolist() == [True, False]
+    assert error_column([]).shape == (0, 1) and failed_rows(error_column([])).shape == (0,)
+
+
+def test_clear_failed_rows_blanks_label_and_fired_only_on_failed_rows():
+    labels = np.array([[b"MEL"], [b"NV"], [b"BCC"]], dtype=np.object_)
+    fired = np.ones((3, 7), dtype=bool)
+    new_labels, new_fired = clear_failed_rows(labels, fired, np.array([False, True, False]))
+    assert new_labels.tolist() == [[b"MEL"], [b""], [b"BCC"]]
+    assert new_fired.tolist() == [[True] * 7, [False] * 7, [True] * 7]
+    assert labels[1, 0] == b"NV" and fired.all()  # inputs untouched
+
+
+def test_clear_failed_rows_raises_when_row_counts_differ():
+    with pytest.raises(ValueError, match="error tensor has 2 rows but the decision has 3 labels"):
+        clear_failed_rows(np.zeros((3, 1), np.object_), np.zeros((3, 7), bool), np.zeros(2, bool))
 
 
 def test_make_views_is_identity_when_one_view():

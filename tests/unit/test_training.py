@@ -1,4 +1,4 @@
-"""Training stage: dataset loading and errors, stratified split, transforms, metrics, end-to-end run."""
+"""Training stage: dataset loading and errors, the eval transform, metrics, end-to-end run."""
 from __future__ import annotations
 
 import json
@@ -14,15 +14,13 @@ import torch
 
 from lesionserve.models import load_checkpoint
 from lesionserve.preprocessing import decode_image, preprocess_rgb
-from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
+from lesionserve.architectures import ARCHITECTURES
+from lesionserve.spec import CLASS_NAMES
 from lesionserve.training.data import (
     DatasetError,
     LesionDataset,
-    Sample,
-    augment_rgb,
     load_dataset,
     load_isic_dir,
-    stratified_split,
     validation_samples,
 )
 import lesionserve.training.train
@@ -57,13 +55,6 @@ def make_isic(root: Path, labels: list[int], width: int = 40, height: int = 32) 
 
 def rewrite_csv(root: Path, lines: list[str]) -> None:
     (root / TRUTH / f"{TRUTH}.csv").write_text("\n".join(lines) + "\n")
-
-
-def fake_samples(counts: dict[int, int]) -> list[Sample]:
-    samples = []
-    for label, n in counts.items():
-        samples += [Sample(Path(f"/data/c{label}_{i:03d}.jpg"), label) for i in range(n)]
-    return samples
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -149,47 +140,13 @@ def test_load_isic_dir_names_image_when_listed_twice(tmp_path):
         load_isic_dir(tmp_path)
 
 
-# ------------------------------------------------------------------------------------------ split
-
-
-def test_stratified_split_returns_identical_split_when_seed_and_samples_repeat():
-    samples = fake_samples({0: 9, 1: 30, 2: 4, 5: 2})
-    first = stratified_split(samples, 0.25, seed=3)
-    assert stratified_split(list(samples), 0.25, seed=3) == first
-    assert stratified_split(list(reversed(samples)), 0.25, seed=3)[1] == list(reversed(first[1]))
-    assert stratified_split(samples, 0.25, seed=4) != first
-
-
-def test_stratified_split_has_no_overlap_and_covers_all_when_split():
-    samples = fake_samples({0: 9, 1: 30, 2: 4, 3: 1, 6: 2})
-    train_part, val_part = stratified_split(samples, 0.3, seed=0)
-    assert not set(train_part) & set(val_part)
-    assert sorted(map(str, (s.path for s in train_part + val_part))) == sorted(str(s.path) for s in samples)
-
-
-def test_stratified_split_keeps_class_proportions_when_classes_small_or_single():
-    counts = {0: 9, 1: 30, 2: 4, 3: 1, 6: 2}
-    train_part, val_part = stratified_split(fake_samples(counts), 0.25, seed=0)
-    val_counts = {c: sum(s.label == c for s in val_part) for c in counts}
-    train_counts = {c: sum(s.label == c for s in train_part) for c in counts}
-    # round(n * 0.25), at least 1 in val and 1 in train when n >= 2; a singleton stays in train.
-    assert val_counts == {0: 2, 1: 8, 2: 1, 3: 0, 6: 1}
-    assert train_counts == {0: 7, 1: 22, 2: 3, 3: 1, 6: 1}
-
-
-@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
-def test_stratified_split_raises_when_fraction_outside_open_unit_interval(fraction):
-    with pytest.raises(ValueError, match="val_fraction"):
-        stratified_split(fake_samples({0: 4}), fraction, seed=0)
-
-
 # --------------------------------------------------------------------------------------- datasets
 
 
-def test_lesion_dataset_eval_item_equals_serving_preprocess_when_train_false(tmp_path):
+def test_lesion_dataset_item_equals_serving_preprocess_when_image_not_square(tmp_path):
     make_isic(tmp_path, [4, 2], width=50, height=37)  # non-square: resize is exercised
     samples = load_isic_dir(tmp_path)
-    dataset = LesionDataset(samples, size=48, train=False)
+    dataset = LesionDataset(samples, size=48)
     for index, sample in enumerate(samples):
         tensor, label = dataset[index]
         expected = preprocess_rgb(decode_image(sample.path.read_bytes()), 48)
@@ -198,26 +155,10 @@ def test_lesion_dataset_eval_item_equals_serving_preprocess_when_train_false(tmp
         assert label == sample.label
 
 
-def test_lesion_dataset_train_item_is_reproducible_when_seed_and_epoch_repeat(tmp_path):
-    make_isic(tmp_path, [0, 1])
-    samples = load_isic_dir(tmp_path)
-    a = LesionDataset(samples, size=32, train=True, seed=7)
-    b = LesionDataset(samples, size=32, train=True, seed=7)
-    x_a, label = a[1]
-    assert tuple(x_a.shape) == (3, 32, 32) and x_a.dtype == torch.float32 and label == 1
-    assert torch.equal(x_a, b[1][0])
-    b.set_epoch(1)
-    assert not torch.equal(x_a, b[1][0])  # a new epoch draws a new augmentation
 
-
-def test_augment_rgb_only_moves_pixels_when_jitter_is_zero():
-    rgb = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
-    outputs = [augment_rgb(rgb, np.random.default_rng(s), jitter=0.0) for s in range(8)]
-    for out in outputs:
-        assert out.shape == rgb.shape and out.dtype == np.uint8
-        np.testing.assert_array_equal(np.sort(out.reshape(-1, 3), axis=0), np.sort(rgb.reshape(-1, 3), axis=0))
-    assert any(not np.array_equal(out, rgb) for out in outputs)
-
+def test_validation_samples_raises_when_config_records_no_split_file():
+    with pytest.raises(DatasetError, match="records no split file"):
+        validation_samples({"data": "somewhere", "val_fraction": 0.2, "seed": 0})
 
 # ---------------------------------------------------------------------------------------- metrics
 
@@ -296,7 +237,7 @@ def test_train_cli_writes_reloadable_checkpoint_and_metrics_when_run_one_epoch(t
     val_samples = validation_samples(config)
     assert len(val_samples) == 7
     with torch.inference_mode():
-        batch = torch.stack([LesionDataset(val_samples, 64, train=False)[i][0] for i in range(len(val_samples))])
+        batch = torch.stack([LesionDataset(val_samples, 64)[i][0] for i in range(len(val_samples))])
         preds = model(batch).argmax(dim=1).numpy()
     assert balanced_accuracy([s.label for s in val_samples], preds) == pytest.approx(metrics["val_balanced_accuracy"])
 
@@ -306,7 +247,7 @@ def test_train_cli_lists_backbone_choices_when_backbone_unknown(tmp_path, capsys
         main(["--backbone", "vgg16", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "unknown backbone 'vgg16'" in err and all(name in err for name in BACKBONE_NAMES)
+    assert "unknown architecture 'vgg16'" in err and all(name in err for name in ARCHITECTURES)
 
 
 def test_train_raises_naming_path_when_data_dir_missing(tmp_path):
