@@ -29,6 +29,8 @@ ARCHITECTURES = (
                  normalization=Normalization("inception", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))),
     Architecture("lite_mobilenet", "timm_classifier", "mobilenetv3_small_100", input_size=128, normalization=LITE_NORM),
 )
+for _arch in ARCHITECTURES:  # registering is idempotent; the declaration below refers to them
+    register_architecture(_arch)
 SECOND = EnsemblePipeline(
     "lite_ensemble",
     (Member("lite_resnet18", "lite_resnet18"), Member("lite_mobilenet", "lite_mobilenet")),
@@ -39,8 +41,6 @@ SECOND = EnsemblePipeline(
 
 @pytest.fixture(scope="module")
 def second_artifacts(tmp_path_factory):
-    for arch in ARCHITECTURES:
-        register_architecture(arch)
     calibration = Calibration(weights={"lite_resnet18": 0.7, "lite_mobilenet": 0.3}, thresholds={"MEL": 0.2},
                               threshold_order=("MEL",))
     return build_random_artifacts(tmp_path_factory.mktemp("lite"), calibration, seed=3, pipeline=SECOND)
