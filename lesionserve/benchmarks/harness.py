@@ -27,7 +27,7 @@ from lesionserve.benchmarks.common import (DEFAULT_OUT, Timing, calls_for, cycle
                                served, served_run_batch, write_json)
 from lesionserve.spec import ALLOWED_VIEWS
 
-#: Ratio goals of issue #5 on the CPU, (numerator, denominator) -> minimum.
+#: Ratio goals on the CPU (benchmarks/RESULTS.md), (numerator, denominator) -> minimum.
 GOALS = {("triton", "bound"): 0.90, ("triton", "torch"): 1.8}
 PIPELINES = ("triton", "torch", "ort", "bound")
 

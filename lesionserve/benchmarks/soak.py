@@ -1,4 +1,4 @@
-"""Load and soak run against a local tritonserver (issue #6, item 2). Bounded, loopback only, stops by itself.
+"""Load and soak run against a local tritonserver. Bounded, loopback only, stops by itself.
 
     python -m benchmarks.soak                                   # 10 000 requests, 4 clients, T=1, 64 px
     python -m benchmarks.soak --requests 300 --window 10 --out runs/soak_ci

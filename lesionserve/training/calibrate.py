@@ -21,7 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lesionserve.calibration import Calibration, exceeds
-from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES
+from lesionserve.pipelines import LESION_ENSEMBLE
+from lesionserve.spec import CLASS_NAMES
 
 THETA_GRID = np.linspace(0.01, 0.99, 199)
 FALLBACK_THETA = 0.5
@@ -93,7 +94,7 @@ def calibrate(
     artifacts: str | Path,
     views: int = 8,
     rules: tuple[ThresholdRule, ...] = DEFAULT_RULES,
-    backbones: Sequence[str] = BACKBONE_NAMES,
+    backbones: Sequence[str] = LESION_ENSEMBLE.member_names,
 ) -> Calibration:
     """Compute and write ``<artifacts>/calibration.json`` from the backbones' validation data."""
     from lesionserve.reference import ReferencePipeline
@@ -140,7 +141,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", required=True, help="folder with <backbone>/{checkpoint.pt,metrics.json,config.json}")
     parser.add_argument("--views", type=int, default=8, choices=(1, 2, 4, 8), help="TTA views (default %(default)s)")
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONE_NAMES), choices=BACKBONE_NAMES,
+    parser.add_argument("--backbones", nargs="+", default=list(LESION_ENSEMBLE.member_names), choices=LESION_ENSEMBLE.member_names,
                         help="backbones to fuse (default: all three)")
     return parser
 

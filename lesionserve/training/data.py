@@ -1,5 +1,4 @@
-"""Dataset loading (ISIC 2018 Task 3, HAM10000 metadata, class folders), stratified splitting and
-the training/eval dataset.
+"""Dataset loading (ISIC 2018 Task 3, HAM10000 metadata, class folders) and the eval dataset.
 
 ``load_dataset(root_or_csv, layout="auto")`` reads any of these layouts into ``Sample`` lists:
 
@@ -10,8 +9,9 @@ the training/eval dataset.
     DIR/ISIC2018_Task3_Training_LesionGroupings.csv        (optional: image,lesion_id,...)
     DIR/ISIC2018_Task3_{Validation,Test}_Input/ + ..._GroundTruth/  (official held-out splits)
 
-  The CSV header is ``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC`` (``lesionserve.spec.CLASS_NAMES`` order)
-  and each row is one-hot (``1.0``/``0.0``).
+  A ground-truth CSV may also sit loose beside its images (``DIR/ISIC2018_Task3_Test_GroundTruth.csv``
+  + ``DIR/ISIC2018_Task3_Test_Input/``). The CSV header is ``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``
+  (``lesionserve.spec.CLASS_NAMES`` order) and each row is one-hot (``1.0``/``0.0``).
 
 ``ham10000``: a metadata CSV with ``image_id`` (or ``image``), ``dx`` (akiec, bcc, bkl, df, mel, nv,
   vasc; any case) and ``lesion_id`` columns; images from a ``path`` column (relative to the CSV's
@@ -21,7 +21,7 @@ the training/eval dataset.
 
 The eval transform is exactly ``preprocess_rgb(decode_image(file_bytes), size)``, the function the
 serving pipeline uses, so validation numbers are measured on the same tensors the server sees.
-Training augmentation works on the resized uint8 image and then applies the same ``normalize``.
+Splits are made by ``training.splits`` (lesion-grouped); training augmentation is ``training.augment``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lesionserve.preprocessing import ImageDecodeError, decode_image, normalize, preprocess_rgb, resize
+from lesionserve.preprocessing import ImageDecodeError, decode_image, preprocess_rgb
 from lesionserve.spec import CLASS_NAMES
 
 #: Image file extensions tried, in order, for an id listed in the CSV (ISIC ships ``.jpg``).
@@ -108,31 +108,68 @@ def _check_isic_split(split: str) -> str:
     return split
 
 
+def isic_ground_truths(root: str | Path) -> dict[str, Path]:
+    """``prefix -> ground truth`` for each ISIC-style set in ``root``, sorted by prefix.
+
+    A set is a ``<prefix>_GroundTruth/`` folder (as the official zips unpack) or a loose
+    ``<prefix>_GroundTruth.csv`` whose header has no ``dx`` column (one with ``dx`` is HAM10000
+    metadata); its images are in ``<prefix>_Input/``. Raises DatasetError when one prefix has both.
+    """
+    root = Path(root)
+    found: dict[str, Path] = {}
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and entry.name.endswith("_GroundTruth"):
+            prefix = entry.name[: -len("_GroundTruth")]
+        elif entry.is_file() and entry.name.endswith("_GroundTruth.csv") and "dx" not in _csv_header(entry):
+            prefix = entry.name[: -len("_GroundTruth.csv")]
+        else:
+            continue
+        if prefix in found:
+            raise DatasetError(f"{root}: both {found[prefix].name} and {entry.name} hold the {prefix} ground truth; "
+                               "keep one")
+        found[prefix] = entry
+    return found
+
+
+def _truth_file(entry: Path) -> Path:
+    return entry if entry.is_file() else _truth_csv(entry)
+
+
 def _find_layout(root: Path, split: str | None = None) -> tuple[Path, Path]:
     """Return (input image folder, ground-truth CSV) under ``root``.
 
-    ``split=None``: the only ``*_GroundTruth`` folder (or the official Training one when the
-    official splits sit side by side). A named split requires the official folder names.
+    ``split=None``: the only ground-truth set (or the official Training one when the official
+    splits sit side by side). A named split requires the official folder names.
     """
+    truths = isic_ground_truths(root)
     if split is not None:
         word = ISIC_SPLITS[_check_isic_split(split)]
-        truth_dir = root / f"ISIC2018_Task3_{word}_GroundTruth"
-        input_dir = root / f"ISIC2018_Task3_{word}_Input"
-        for folder in (input_dir, truth_dir):
-            if not folder.is_dir():
-                raise DatasetError(f"{root}: no {split} split folder {folder.name}/ (expected {folder})")
-        return input_dir, _truth_csv(truth_dir)
+        prefix = f"ISIC2018_Task3_{word}"
+        input_dir = root / f"{prefix}_Input"
+        if not input_dir.is_dir():
+            raise DatasetError(f"{root}: no {split} split folder {input_dir.name}/ (expected {input_dir})")
+        if prefix not in truths:
+            raise DatasetError(f"{root}: no {split} split folder {prefix}_GroundTruth/ (expected "
+                               f"{root / (prefix + '_GroundTruth')}/ or {root / (prefix + '_GroundTruth.csv')})")
+        return input_dir, _truth_file(truths[prefix])
 
-    truth_dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.endswith("_GroundTruth"))
-    official_training = root / "ISIC2018_Task3_Training_GroundTruth"
-    if len(truth_dirs) > 1 and official_training in truth_dirs:
-        truth_dir = official_training  # the official download unpacked in one folder: default to training
+    official_training = "ISIC2018_Task3_Training"
+    if not truths:
+        raise DatasetError(f"{root}: no folder ending in '_GroundTruth' and no file ending in '_GroundTruth.csv' "
+                           f"(expected e.g. {root / 'ISIC2018_Task3_Training_GroundTruth'}/)")
+    if len(truths) == 1:
+        prefix = next(iter(truths))
+    elif official_training in truths:
+        prefix = official_training  # the official download unpacked in one folder: default to training
     else:
-        truth_dir = _single_dir(root, "_GroundTruth", "ISIC2018_Task3_Training_GroundTruth/")
-    # Prefer the Input folder with the same prefix as the GroundTruth folder.
-    paired = root / (truth_dir.name[: -len("_GroundTruth")] + "_Input")
+        names = ", ".join(entry.name for entry in truths.values())
+        raise DatasetError(f"{root}: several ground-truth sets ({names}); expected exactly one")
+    # Prefer the Input folder with the same prefix as the ground truth.
+    paired = root / f"{prefix}_Input"
     input_dir = paired if paired.is_dir() else _single_dir(root, "_Input", "ISIC2018_Task3_Training_Input/")
-    return input_dir, _truth_csv(truth_dir)
+    return input_dir, _truth_file(truths[prefix])
 
 
 def _read_csv_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -200,8 +237,8 @@ def _image_file(input_dir: Path, image: str) -> Path | None:
 def load_isic_dir(root: str | Path, split: str | None = None) -> list[Sample]:
     """Read an ISIC 2018 Task 3 style directory into samples, in CSV order.
 
-    ``split`` ("training", "validation" or "test") picks an official split folder pair; ``None``
-    takes the only ``*_GroundTruth`` folder (the Training one if the official splits sit side by
+    ``split`` ("training", "validation" or "test") picks an official split; ``None`` takes the only
+    ground-truth set (``isic_ground_truths``; the Training one if the official splits sit side by
     side). For the training split, ``ISIC2018_Task3_Training_LesionGroupings.csv`` in ``root``
     (when present) fills in ``Sample.lesion_id``.
 
@@ -420,8 +457,32 @@ def _metadata_csvs(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.glob("*.csv")) if p.is_file() and "dx" in _csv_header(p)]
 
 
+#: What ``detect_layout`` looks for, per layout (also the text of its error).
+LAYOUT_SIGNS: dict[str, str] = {
+    "isic2018": "a *_GroundTruth/ folder or *_GroundTruth.csv file (header "
+                f"{','.join(EXPECTED_HEADER)}) beside a *_Input/ image folder, e.g. ISIC2018_Task3_Test_Input/ + "
+                "ISIC2018_Task3_Test_GroundTruth.csv",
+    "ham10000": "a .csv directly in the folder whose header has a 'dx' column and an 'image_id' (or 'image') "
+                "column, e.g. HAM10000_metadata.csv, images anywhere below it (HAM10000_images_part_1/, _part_2/)",
+    "folders": f"sub-folders named after the classes ({', '.join(CLASS_NAMES)}; any case) holding .jpg/.jpeg/.png",
+}
+
+
+def _describe_contents(path: Path, limit: int = 8) -> str:
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    if not entries:
+        return "the folder is empty"
+    shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:limit])
+    more = f" and {len(entries) - limit} more" if len(entries) > limit else ""
+    return f"found {shown}{more}"
+
+
 def detect_layout(root_or_csv: str | Path) -> str:
-    """Which layout ``root_or_csv`` holds: "isic2018", "ham10000" or "folders" (DatasetError if none)."""
+    """Which layout ``root_or_csv`` holds: "isic2018", "ham10000" or "folders".
+
+    Checked in that order (see ``LAYOUT_SIGNS``); DatasetError listing what was looked for and
+    what the folder holds when none matches.
+    """
     path = Path(root_or_csv)
     if not path.exists():
         raise FileNotFoundError(f"data path not found: {path}")
@@ -430,17 +491,14 @@ def detect_layout(root_or_csv: str | Path) -> str:
             return "ham10000"
         raise DatasetError(f"{path}: a file that is not a .csv; give a dataset folder or a metadata CSV")
     children = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    if any(p.name.endswith("_GroundTruth") for p in children):
+    if isic_ground_truths(path):
         return "isic2018"
     if _metadata_csvs(path):
         return "ham10000"
     if any(p.name.lower() in {c.lower() for c in CLASS_NAMES} for p in children):
         return "folders"
-    raise DatasetError(
-        f"{path}: cannot tell the dataset layout. Expected one of: isic2018 "
-        "(ISIC2018_Task3_Training_Input/ + ISIC2018_Task3_Training_GroundTruth/), ham10000 (a metadata "
-        f"CSV with image_id/image, dx, lesion_id columns), folders (one folder per class: {', '.join(CLASS_NAMES)})"
-    )
+    looked_for = "; ".join(f"{name}: {sign}" for name, sign in LAYOUT_SIGNS.items())
+    raise DatasetError(f"{path}: cannot tell the dataset layout ({_describe_contents(path)}). Looked for {looked_for}")
 
 
 def load_dataset(
@@ -483,7 +541,7 @@ def load_dataset(
     return load_class_folders(path)
 
 
-# -------------------------------------------------------------------------------------------- splitting
+# -------------------------------------------------------------------------------------------- datasets
 
 
 def class_counts(samples: Sequence[Sample]) -> dict[str, int]:
@@ -492,113 +550,41 @@ def class_counts(samples: Sequence[Sample]) -> dict[str, int]:
     return {name: int(counts[i]) for i, name in enumerate(CLASS_NAMES)}
 
 
-def stratified_split(
-    samples: Sequence[Sample], val_fraction: float, seed: int
-) -> tuple[list[Sample], list[Sample]]:
-    """Split into (train, val) per class, deterministically for a given ``seed``.
-
-    Each class contributes ``round(n * val_fraction)`` samples to val, clamped so that a class with
-    at least 2 samples has at least 1 in val and at least 1 in train; a class with a single sample
-    stays in train. The result does not depend on the input order; both lists keep it.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    by_class: dict[int, list[Sample]] = defaultdict(list)
-    for sample in samples:
-        by_class[sample.label].append(sample)
-
-    val_set: set[Sample] = set()
-    for label, members in by_class.items():
-        members = sorted(members, key=lambda s: str(s.path))
-        n = len(members)
-        if n < 2:
-            continue
-        n_val = min(max(int(round(n * val_fraction)), 1), n - 1)
-        order = np.random.default_rng([seed, label]).permutation(n)
-        val_set.update(members[i] for i in order[:n_val])
-
-    train = [s for s in samples if s not in val_set]
-    val = [s for s in samples if s in val_set]
-    return train, val
-
-
-# -------------------------------------------------------------------------------------------- datasets
-
-
-def augment_rgb(rgb: np.ndarray, rng: np.random.Generator, jitter: float = 0.1) -> np.ndarray:
-    """Simple geometric + photometric augmentation of a square HxWx3 uint8 image.
-
-    Random horizontal/vertical flips, a random multiple of 90 degrees, and brightness/contrast
-    jitter of up to ``jitter`` (fraction). Returns a new contiguous uint8 array.
-    """
-    out = rgb
-    if rng.random() < 0.5:
-        out = out[:, ::-1]
-    if rng.random() < 0.5:
-        out = out[::-1, :]
-    out = np.rot90(out, k=int(rng.integers(4)), axes=(0, 1))
-    if jitter > 0:
-        contrast = 1.0 + rng.uniform(-jitter, jitter)
-        brightness = rng.uniform(-jitter, jitter) * 255.0
-        as_float = out.astype(np.float32)
-        mean = as_float.mean()
-        as_float = (as_float - mean) * contrast + mean + brightness
-        out = np.clip(np.rint(as_float), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(out)
-
-
 class LesionDataset(Dataset):
-    """Samples -> (3 x size x size float32 tensor, label).
+    """Samples -> (3 x size x size float32 tensor, label) through the serving transform.
 
-    ``train=False``: exactly ``preprocess_rgb(decode_image(bytes), size)`` (the serving transform).
-    ``train=True``: decode, resize, ``augment_rgb``, normalize. The augmentation of item ``i`` is
-    seeded by (seed, epoch, i), so it is reproducible whatever the loading order or worker count;
-    call ``set_epoch`` each epoch to draw fresh augmentations.
+    Each item is exactly ``preprocess_rgb(decode_image(bytes), size)``; training augmentation
+    lives in ``training.augment.AugmentedDataset``.
     """
 
-    def __init__(self, samples: Sequence[Sample], size: int, train: bool, seed: int = 0):
+    def __init__(self, samples: Sequence[Sample], size: int):
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
         self.samples = list(samples)
         self.size = int(size)
-        self.train = bool(train)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load_rgb(self, index: int) -> np.ndarray:
-        path = self.samples[index].path
-        try:
-            return decode_image(path.read_bytes())
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(f"{path}: {exc}") from None
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        rgb = self.load_rgb(index)
-        if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            array = normalize(augment_rgb(resize(rgb, self.size), rng))
-        else:
-            array = preprocess_rgb(rgb, self.size)
-        return torch.from_numpy(array), sample.label
+        try:
+            rgb = decode_image(sample.path.read_bytes())
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(f"{sample.path}: {exc}") from None
+        return torch.from_numpy(preprocess_rgb(rgb, self.size)), sample.label
 
 
 def validation_samples(config: Mapping[str, Any]) -> list[Sample]:
-    """The validation split a training run used, rebuilt from its resolved ``config.json``.
+    """The validation split a training run used: the ``val`` rows of the split file its resolved
+    ``config.json`` records under ``splits`` (written by ``training.splits`` / training).
 
-    With a ``splits`` entry (a split CSV written by ``training.splits``) its ``val`` rows;
-    otherwise the per-image ``stratified_split`` of ``data`` (loaded with ``layout``, default auto)
-    by ``val_fraction`` and ``seed``, as the first training script did.
+    DatasetError for a config without a split file: such a run split per image, a split that is
+    not rebuilt here.
     """
-    if config.get("splits"):
-        from lesionserve.training.splits import read_splits  # splits imports this module
+    from lesionserve.training.splits import read_splits  # splits imports this module
 
-        return read_splits(config["splits"])["val"]
-    samples = load_dataset(config["data"], layout=config.get("layout") or "auto")
-    return stratified_split(samples, config["val_fraction"], config["seed"])[1]
+    if not config.get("splits"):
+        raise DatasetError("the training config records no split file ('splits'); it predates lesion-grouped "
+                           "splits and its validation images cannot be recovered: retrain, or give a split file")
+    return read_splits(config["splits"])["val"]

@@ -33,7 +33,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_NAMES, get_backbone
+from lesionserve.pipelines import LESION_ENSEMBLE
+from lesionserve.spec import ALLOWED_VIEWS
+
+#: What a multi-seed study trains: the members of the seed ensemble.
+BACKBONE_NAMES = LESION_ENSEMBLE.member_names
 from lesionserve.training.data import LAYOUTS
 from lesionserve.training.evaluate import EVAL_SPLITS, evaluate
 from lesionserve.training.reports import fmt, fmt_mean_std, markdown_table
@@ -237,7 +241,7 @@ def run(
     if eval_split == "test" and test_fraction <= 0:
         raise ValueError("evaluating on test needs --test > 0 (or --eval-split val)")
     for b in backbones:
-        get_backbone(b)
+        LESION_ENSEMBLE.member(b)
     reserved = sorted(RESERVED_KEYS & set(train_options or {}))
     if reserved:
         raise ValueError(f"train_options must not set {', '.join(reserved)}: multiseed sets them")

@@ -156,12 +156,13 @@ def _parse_label(value: str, where: str) -> int:
     raise DatasetError(f"{where}: unknown label {value!r}; expected one of {', '.join(CLASS_NAMES)}")
 
 
-def read_splits(path: str | Path) -> dict[str, list[Sample]]:
+def read_splits(path: str | Path, check_files: bool = True) -> dict[str, list[Sample]]:
     """Read a split CSV written by ``write_splits``; keys train and val always, test when it has rows.
 
     Raises FileNotFoundError if the file is missing and DatasetError naming the line for a bad
-    header, split name or label, a repeated image, a lesion on two sides, or images that no longer
-    exist (listing them).
+    header, split name or label, a repeated image, a lesion on two sides, or (``check_files``)
+    images that no longer exist (listing them). ``check_files=False`` reads the ids of a split
+    whose images are elsewhere (e.g. to compare them with another dataset).
     """
     path = Path(path)
     if not path.is_file():
@@ -193,7 +194,7 @@ def read_splits(path: str | Path) -> dict[str, list[Sample]]:
                 raise DatasetError(f"{where}: lesion {lesion!r} is in {split} here and in {other[0]} on line "
                                    f"{other[1]}; a lesion must stay on one side")
         file_path = Path(file) if os.path.isabs(file) else path.parent / file
-        if not file_path.is_file():
+        if check_files and not file_path.is_file():
             missing.append(str(file_path))
         out.setdefault(split, []).append(Sample(file_path, _parse_label(label, where), lesion or None))
     if missing:

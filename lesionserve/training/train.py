@@ -3,9 +3,9 @@
     python -m training.train --backbone resnet50 --data DIR --out runs/exp/resnet50 [--pretrained FILE]
     torchrun --nproc_per_node 4 -m training.train --backbone resnet50 --data DIR --out runs/exp/resnet50
 
-Recipe (``training/recipes.yaml``; every value overridable, see ``--help``): a timm backbone at its
-native input size with a zero-initialised 7-class head; class-balanced sampling; augmentation
-graded per class by imbalance; focal loss with label smoothing; Adam with gradient clipping;
+Recipe (``lesionserve/training/recipes.yaml``; every value overridable, see ``--help``): a timm
+backbone at its native input size with a zero-initialised 7-class head; class-balanced sampling;
+augmentation graded per class by imbalance; focal loss with label smoothing; Adam with gradient clipping;
 ReduceLROnPlateau on validation balanced accuracy (or warmup + cosine); precise BatchNorm
 statistics before every validation; early stopping and best-checkpoint selection on validation
 balanced accuracy. Data is split by lesion into train/val/test (``training.splits``): training
@@ -44,7 +44,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lesionserve.models import create_backbone, save_checkpoint
-from lesionserve.spec import BACKBONE_NAMES, CLASS_NAMES, NUM_CLASSES, backbone_arg
+from lesionserve.architectures import ARCHITECTURES, architecture_arg
+from lesionserve.spec import CLASS_NAMES, NUM_CLASSES
 from lesionserve.training.augment import LEVEL_NAMES, AugmentedDataset, class_levels
 from lesionserve.training.config import (  # noqa: F401  (TrainConfig: re-exported for callers of train())
     OPTIONS,
@@ -202,7 +203,7 @@ def build_data(cfg: Mapping[str, Any], rt: Runtime) -> Data:
     train_loader = DataLoader(AugmentedDataset(train, size, levels, seed=cfg["seed"]), batch_size=batch,
                               sampler=sampler, num_workers=rt.workers, drop_last=drop_last, pin_memory=pin)
     # Each process scores its slice of val; confusion matrices are summed across processes.
-    val_loader = DataLoader(LesionDataset(val[rt.rank::rt.world_size], size, train=False), batch_size=batch,
+    val_loader = DataLoader(LesionDataset(val[rt.rank::rt.world_size], size), batch_size=batch,
                             num_workers=rt.workers, pin_memory=pin)
     bn_loader = None
     if cfg["precise_bn_batches"] > 0 and len(train) > 1:
@@ -211,7 +212,7 @@ def build_data(cfg: Mapping[str, Any], rt: Runtime) -> Data:
         # batch of one image has no variance to measure (BatchNorm raises on it).
         count = min(len(train), cfg["precise_bn_batches"] * batch)
         pick = np.random.default_rng([cfg["seed"], 0xB4]).permutation(len(train))[:count]
-        bn_loader = DataLoader(LesionDataset([train[i] for i in sorted(pick)], size, train=False),
+        bn_loader = DataLoader(LesionDataset([train[i] for i in sorted(pick)], size),
                                batch_size=min(batch, count), drop_last=True, num_workers=rt.workers, pin_memory=pin)
     return Data(train=train, val=val, test_count=len(splits.get("test", [])), pool_count=pool_count,
                 levels=levels, sampler=sampler, train_loader=train_loader, val_loader=val_loader, bn_loader=bn_loader)
@@ -616,8 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Train one LesionServe backbone (timm, 7 ISIC 2018 classes) with the seed ensemble's recipe: "
             "class-balanced sampling, graded augmentation, focal loss with label smoothing, Adam, grad clipping, "
             "ReduceLROnPlateau (or warmup+cosine), early stopping and checkpoint selection on validation "
-            "balanced accuracy. Defaults come from training/recipes.yaml (per backbone; shown as 'recipe:'); "
-            "flags override them."
+            "balanced accuracy. Defaults come from lesionserve/training/recipes.yaml (per backbone; shown as "
+            "'recipe:'); flags override them."
         ),
         epilog=(
             f"profiles in recipes.yaml: {profiles}. The seed's learning rates assume ImageNet-pretrained weights "
@@ -640,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help_text += f" (recipe: {summary})"
         kwargs: dict[str, Any] = {"dest": key, "help": help_text, "default": argparse.SUPPRESS}
         if key == "backbone":
-            kwargs.update(type=backbone_arg, metavar="{" + ",".join(BACKBONE_NAMES) + "}")
+            kwargs.update(type=architecture_arg, metavar="{" + ",".join(ARCHITECTURES) + "}")
         elif option.type is bool:
             kwargs.update(action=argparse.BooleanOptionalAction)
         else:

@@ -1,4 +1,4 @@
-"""Issue #6, item 1: the bad-input catalogue against a real tritonserver.
+"""The bad-input catalogue against a real tritonserver.
 
 Every case goes through the SDK and through raw tritonclient calls; each must get a precise error
 for that image (what was wrong, what is allowed) in the ensemble's per-row ``error`` output, while

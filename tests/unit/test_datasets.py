@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 
 from lesionserve.spec import CLASS_NAMES
-from lesionserve.training.data import DatasetError, Sample, class_counts, detect_layout, load_dataset, load_isic_dir
+from lesionserve.training.data import (
+    LAYOUT_SIGNS,
+    DatasetError,
+    Sample,
+    class_counts,
+    detect_layout,
+    isic_ground_truths,
+    load_dataset,
+    load_isic_dir,
+)
 from lesionserve.synthetic import generate_dataset
 
 REAL_METADATA = Path("/work/shared/data/isic-real/ham10000_metadata.csv")
@@ -114,6 +123,38 @@ def test_load_lesion_groupings_names_line_when_image_has_two_lesions(tmp_path):
     with pytest.raises(DatasetError, match=r"line 3: image 'TR_0000' listed again with lesion 'HAM_2'"):
         load_dataset(tmp_path)
 
+
+
+def test_load_dataset_reads_loose_ground_truth_csv_when_laid_out_as_official_test_download(tmp_path):
+    ids = ["ISIC_0034524", "ISIC_0034525"]
+    for image, label in zip(ids, [1, 4]):
+        write_jpeg(tmp_path / "ISIC2018_Task3_Test_Input" / f"{image}.jpg", label)
+    (tmp_path / "ISIC2018_Task3_Test_Input" / "LICENSE.txt").write_text("not an image")
+    (tmp_path / "ISIC2018_Task3_Test_GroundTruth.csv").write_text(
+        "\n".join([HEADER, one_hot_line(ids[0], 1), one_hot_line(ids[1], 4)]) + "\n")
+    assert detect_layout(tmp_path) == "isic2018"
+    assert isic_ground_truths(tmp_path) == {"ISIC2018_Task3_Test": tmp_path / "ISIC2018_Task3_Test_GroundTruth.csv"}
+    samples = load_dataset(tmp_path)
+    assert [(s.image_id, CLASS_NAMES[s.label], s.lesion_id) for s in samples] == [
+        (ids[0], "NV", None), (ids[1], "BKL", None)]
+    assert load_dataset(tmp_path, layout="isic2018", split="test") == samples
+
+
+def test_isic_ground_truths_refuses_when_folder_and_loose_csv_hold_one_set(tmp_path):
+    make_isic_split(tmp_path, "Test", [0], "TE")
+    (tmp_path / "ISIC2018_Task3_Test_GroundTruth.csv").write_text(HEADER + "\n" + one_hot_line("TE_0000", 0) + "\n")
+    with pytest.raises(DatasetError, match="both ISIC2018_Task3_Test_GroundTruth and ISIC2018_Task3_Test_GroundTruth"
+                                           ".csv hold the ISIC2018_Task3_Test ground truth"):
+        load_dataset(tmp_path)
+
+
+def test_detect_layout_reads_ground_truth_csv_with_dx_column_as_ham10000_when_named_like_isic(tmp_path):
+    write_jpeg(tmp_path / "ISIC2018_Task3_Test_Images" / "ISIC_1.jpg")
+    write_csv(tmp_path / "ISIC2018_Task3_Test_GroundTruth.csv", ["lesion_id", "image_id", "dx", "dx_type"],
+              [["HAM_1", "ISIC_1", "df", "histo"]])
+    assert detect_layout(tmp_path) == "ham10000"
+    samples = load_dataset(tmp_path)
+    assert [(s.image_id, CLASS_NAMES[s.label], s.lesion_id) for s in samples] == [("ISIC_1", "DF", "HAM_1")]
 
 # ---------------------------------------------------------------------------------------- ham10000
 
@@ -226,9 +267,16 @@ def test_load_dataset_names_both_files_when_image_id_in_two_class_folders(tmp_pa
 
 
 def test_load_dataset_describes_layouts_when_nothing_recognisable(tmp_path):
-    (tmp_path / "stuff").mkdir()
-    with pytest.raises(DatasetError, match="cannot tell the dataset layout.*isic2018.*ham10000.*folders"):
+    with pytest.raises(DatasetError, match=r"cannot tell the dataset layout \(the folder is empty\)"):
         load_dataset(tmp_path)
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "labels.csv").write_text("image,label\nx,1\n")
+    with pytest.raises(DatasetError) as info:
+        load_dataset(tmp_path)
+    message = str(info.value)
+    assert "cannot tell the dataset layout (found labels.csv, stuff/). Looked for isic2018: " in message
+    for sign in LAYOUT_SIGNS.values():
+        assert sign in message
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_dataset(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="layout must be one of"):

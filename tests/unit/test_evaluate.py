@@ -1,11 +1,15 @@
-"""Evaluation: metrics on hand-computed cases, the end-to-end report on tiny checkpoints, multi-seed aggregation."""
+"""Evaluation: metrics on hand-computed cases, the end-to-end report on tiny checkpoints (a split, or any dataset
+with its lesion-clean check against the training split), multi-seed aggregation."""
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -14,8 +18,17 @@ from lesionserve.calibration import Calibration
 from lesionserve.models import create_backbone, save_checkpoint
 from lesionserve.spec import CLASS_NAMES
 from lesionserve.training import multiseed
-from lesionserve.training.data import load_dataset
-from lesionserve.training.evaluate import EvaluationError, evaluation_samples, main, score
+from lesionserve.training.data import DatasetError, load_dataset
+from lesionserve.training.evaluate import (
+    EvaluationError,
+    dataset_samples,
+    evaluation_samples,
+    lesion_clean_text,
+    main,
+    recorded_split_file,
+    score,
+    training_overlap,
+)
 from lesionserve.training.metrics import (
     binary_auc,
     bootstrap_balanced_accuracy_ci,
@@ -123,9 +136,15 @@ def artifacts(tmp_path_factory) -> Path:
     generate_dataset(root / "data", size=(64, 48), seed=0, class_counts={c: 3 for c in CLASS_NAMES},
                      repeat_fraction=0.0, progress=False)
     art = root / "artifacts"
-    write_splits(art / "splits.csv", make_splits(load_dataset(root / "data"), 0.3, 0.3, seed=0))
+    splits = make_splits(load_dataset(root / "data"), 0.3, 0.3, seed=0)
+    write_splits(art / "splits.csv", splits)
     torch.manual_seed(0)
     save_checkpoint(art / "resnet50" / "checkpoint.pt", "resnet50", create_backbone("resnet50"))
+    # What training writes beside the checkpoint (the parts evaluation reads).
+    (art / "resnet50" / "config.json").write_text(json.dumps(
+        {"backbone": "resnet50", "input_size": 224, "splits": str((art / "splits.csv").resolve())}))
+    (art / "resnet50" / "metrics.json").write_text(json.dumps(
+        {"train_samples": len(splits["train"]), "val_samples": len(splits["val"])}))
     Calibration(weights={"resnet50": 1.0}, thresholds={"AKIEC": 0.15, "MEL": 0.15},
                 threshold_order=("AKIEC", "MEL")).save(art / "calibration.json")
     return art
@@ -158,7 +177,6 @@ def test_evaluate_cli_writes_every_report_file_when_run_on_tiny_checkpoint(evalu
 
 
 def test_evaluate_rows_equal_reference_pipeline_outputs_when_compared_per_view_count(artifacts, evaluated):
-    import csv
 
     from lesionserve.reference import ReferencePipeline
     from lesionserve.training.evaluate import predict
@@ -196,6 +214,236 @@ def test_evaluation_samples_asks_for_split_file_when_test_has_none(tmp_path, art
     write_splits(no_test, {k: v for k, v in read_splits(artifacts / "splits.csv").items() if k != "test"})
     with pytest.raises(EvaluationError, match="has no 'test' rows"):
         evaluation_samples(artifacts, "test", no_test)
+
+
+
+def test_evaluation_samples_reads_split_file_recorded_in_config_when_artifacts_have_none(tmp_path, artifacts):
+    moved = tmp_path / "artifacts"
+    (moved / "resnet50").mkdir(parents=True)
+    shutil.copy(artifacts / "resnet50" / "config.json", moved / "resnet50" / "config.json")
+    (moved / "resnet50" / "checkpoint.pt").write_bytes(b"")  # only its presence is looked at here
+    eval_set = evaluation_samples(moved, "val")
+    assert eval_set.source == str((artifacts / "splits.csv").resolve())
+    assert eval_set.samples == read_splits(artifacts / "splits.csv")["val"]
+    check = eval_set.lesion_clean
+    assert check["clean"] is True and "recorded in resnet50/config.json" in check["notes"][0]
+
+# ------------------------------------------------------------------------------ evaluate --data
+
+
+def write_jpeg(path: Path, shade: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.full((48, 64, 3), 40 + 25 * shade, dtype=np.uint8))
+    return path
+
+
+def one_hot_row(image: str, label: int) -> list[str]:
+    return [image, *("1.0" if i == label else "0.0" for i in range(len(CLASS_NAMES)))]
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def make_official_test(root: Path, labels: list[int]) -> Path:
+    """The ISIC 2018 Task 3 test set as distributed: Input folder + loose one-hot GroundTruth CSV."""
+    for i, label in enumerate(labels):
+        write_jpeg(root / "ISIC2018_Task3_Test_Input" / f"ISIC_9{i:06d}.jpg", label)
+    write_csv(root / "ISIC2018_Task3_Test_GroundTruth.csv", ["image", *CLASS_NAMES],
+              [one_hot_row(f"ISIC_9{i:06d}", label) for i, label in enumerate(labels)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def training_split(artifacts):
+    return read_splits(artifacts / "splits.csv")
+
+
+def test_dataset_samples_reads_each_layout_when_detected_or_given(tmp_path, artifacts):
+    official = make_official_test(tmp_path / "isic", [MEL, NV, BCC])
+    write_jpeg(tmp_path / "ham" / "HAM10000_images_part_1" / "ISIC_8000001.jpg")
+    write_jpeg(tmp_path / "ham" / "HAM10000_images_part_2" / "ISIC_8000002.jpg")
+    write_csv(tmp_path / "ham" / "HAM10000_metadata.csv", ["lesion_id", "image_id", "dx", "dx_type", "age"],
+              [["HAM_8000001", "ISIC_8000001", "bkl", "histo", "60"],
+               ["HAM_8000001", "ISIC_8000002", "bkl", "histo", "60"]])
+    write_jpeg(tmp_path / "folders" / "df" / "d1.jpg")
+    write_jpeg(tmp_path / "folders" / "VASC" / "v1.png")
+
+    expected = {
+        official: ("isic2018", [("ISIC_9000000", "MEL", None), ("ISIC_9000001", "NV", None),
+                                ("ISIC_9000002", "BCC", None)]),
+        tmp_path / "ham": ("ham10000", [("ISIC_8000001", "BKL", "HAM_8000001"),
+                                        ("ISIC_8000002", "BKL", "HAM_8000001")]),
+        tmp_path / "folders": ("folders", [("v1", "VASC", None), ("d1", "DF", None)]),  # folder name order
+        artifacts.parent / "data": ("isic2018", None),  # what lesionserve.synthetic writes
+    }
+    for path, (layout, rows) in expected.items():
+        detected = dataset_samples(path)
+        assert detected.layout == layout and f"{layout} layout, detected" in detected.source
+        given = dataset_samples(path, layout=layout)
+        assert given.samples == detected.samples and f"{layout} layout, given" in given.source
+        if rows is not None:
+            assert [(s.image_id, CLASS_NAMES[s.label], s.lesion_id) for s in detected.samples] == rows
+    assert len(dataset_samples(artifacts.parent / "data").samples) == 21
+
+
+def test_dataset_samples_lists_what_it_looked_for_when_folder_empty_or_unknown(tmp_path):
+    with pytest.raises(DatasetError) as empty:
+        dataset_samples(tmp_path)
+    message = str(empty.value)
+    assert "cannot tell the dataset layout (the folder is empty)" in message
+    for expected in ("isic2018: a *_GroundTruth/ folder or *_GroundTruth.csv", "ham10000: a .csv directly",
+                     "'dx' column", "folders: sub-folders named after the classes (MEL, NV, BCC"):
+        assert expected in message
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "labels.txt").write_text("x")
+    with pytest.raises(DatasetError, match=r"cannot tell the dataset layout \(found labels.txt, photos/\)"):
+        dataset_samples(tmp_path)
+    with pytest.raises(FileNotFoundError, match="data path not found: .*nowhere"):
+        dataset_samples(tmp_path / "nowhere")
+
+
+def test_dataset_samples_asks_which_set_when_official_splits_side_by_side(tmp_path):
+    make_official_test(tmp_path, [MEL, NV])
+    write_jpeg(tmp_path / "ISIC2018_Task3_Training_Input" / "ISIC_0000001.jpg")
+    write_csv(tmp_path / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv",
+              ["image", *CLASS_NAMES], [one_hot_row("ISIC_0000001", DF)])
+    with pytest.raises(EvaluationError, match=r"several ground-truth sets \(ISIC2018_Task3_Test_GroundTruth.csv, "
+                                              r"ISIC2018_Task3_Training_GroundTruth\); pass --isic-split"):
+        dataset_samples(tmp_path)
+    test_set = dataset_samples(tmp_path, isic_split="test")
+    assert [s.image_id for s in test_set.samples] == ["ISIC_9000000", "ISIC_9000001"]
+    assert "test set" in test_set.source
+    with pytest.raises(EvaluationError, match="--isic-split applies to the isic2018 layout only"):
+        dataset_samples(tmp_path, layout="folders", isic_split="test")
+
+
+def test_training_overlap_finds_every_train_and_val_image_when_evaluating_the_training_data(artifacts, training_split):
+    samples = dataset_samples(artifacts.parent / "data").samples
+    check = training_overlap(artifacts, ["resnet50"], samples)
+    assert check["check"] == "image and lesion ids" and check["clean"] is False
+    assert check["against"] == [str((artifacts / "splits.csv").resolve())] and check["notes"] == []
+    for name in ("train", "val", "test"):
+        assert check["overlap"][name]["images"] == len(training_split[name]) == check["overlap"][name]["split_images"]
+        assert check["overlap"][name]["lesions"] == len({s.lesion_id for s in training_split[name]})
+    text = lesion_clean_text(check)
+    assert text.startswith("**NO**: shared with train: ") and "(not a leak)" in text
+
+
+def test_training_overlap_catches_other_photograph_of_training_lesion_when_lesion_ids_known(
+        tmp_path, artifacts, training_split):
+    seen, other_photo = training_split["train"][0], training_split["val"][0]
+    shutil.copy(seen.path, tmp_path / f"{seen.image_id}.jpg")  # a training image, same id
+    write_jpeg(tmp_path / "ISIC_7000001.jpg")  # another photograph of a validation lesion
+    write_jpeg(tmp_path / "ISIC_7000002.jpg")  # an unseen lesion
+    rows = [[seen.image_id, CLASS_NAMES[seen.label].lower(), seen.lesion_id],
+            ["ISIC_7000001", CLASS_NAMES[other_photo.label].lower(), other_photo.lesion_id],
+            ["ISIC_7000002", "nv", "HAM_7000002"]]
+    write_csv(tmp_path / "HAM10000_metadata.csv", ["image_id", "dx", "lesion_id"], rows)
+    check = training_overlap(artifacts, ["resnet50"], dataset_samples(tmp_path).samples)
+    assert check["check"] == "image and lesion ids" and check["clean"] is False
+    assert check["overlap"]["train"]["images"] == 1 and check["overlap"]["train"]["lesions"] == 1
+    assert check["overlap"]["val"]["images"] == 0 and check["overlap"]["val"]["lesions"] == 1
+    assert check["overlap"]["train"]["examples"] == [seen.image_id]
+    assert check["overlap"]["val"]["examples"] == [other_photo.lesion_id]  # no shared image: the lesion is named
+
+
+def test_training_overlap_compares_image_ids_only_when_evaluated_images_have_no_lesion_ids(tmp_path, artifacts):
+    data = make_official_test(tmp_path, [MEL, NV, VASC])
+    check = training_overlap(artifacts, ["resnet50"], dataset_samples(data).samples)
+    assert check["check"] == "image ids only" and check["clean"] is True
+    assert "the evaluated images carry no lesion ids" in check["why"]
+    assert all(o["images"] == 0 and o["lesions"] is None for o in check["overlap"].values())
+    assert lesion_clean_text(check).startswith("yes: no evaluated image is in train (")
+
+
+def test_training_overlap_says_why_no_check_when_run_records_no_split_file(tmp_path, artifacts):
+    art = tmp_path / "artifacts"
+    (art / "resnet50").mkdir(parents=True)
+    check = training_overlap(art, ["resnet50"], [])
+    assert check["check"] == "none" and check["clean"] is None
+    assert "resnet50 has no readable config.json and its checkpoint.pt holds no config" in check["why"]
+    (art / "resnet50" / "config.json").write_text(json.dumps({"backbone": "resnet50"}))
+    check = training_overlap(art, ["resnet50"], [])
+    assert "resnet50/config.json records no split file" in check["why"]
+    assert lesion_clean_text(check).startswith("unknown: no check was possible (resnet50/config.json records no")
+
+
+def test_recorded_split_file_falls_back_to_checkpoint_config_and_moved_artifacts_when_needed(tmp_path, artifacts):
+    art = tmp_path / "moved"
+    (art / "resnet50").mkdir(parents=True)
+    shutil.copy(artifacts / "splits.csv", art / "splits.csv")
+    # No config.json: the checkpoint's config entry names a split file that moved with the folder.
+    torch.save({"format": "ignored here", "config": {"splits": str(tmp_path / "old" / "splits.csv")}},
+               art / "resnet50" / "checkpoint.pt")
+    source = recorded_split_file(art, "resnet50")
+    assert source.path == art / "splits.csv" and source.moved
+    assert "resnet50/checkpoint.pt (its config entry) records" in source.note and "which is gone" in source.note
+    (art / "resnet50" / "metrics.json").write_text(json.dumps({"train_samples": 1, "val_samples": 2}))
+    check = training_overlap(art, ["resnet50"], [])
+    assert any("which is gone" in n for n in check["notes"])
+    assert any("image counts differ (train 7 in the file, 1 in metrics.json" in n for n in check["notes"])
+
+
+@pytest.mark.parametrize("layout", ["ham10000", "folders"])
+def test_evaluate_cli_scores_dataset_and_reports_training_overlap_when_given_data(tmp_path, artifacts, training_split,
+                                                                                  capsys, layout):
+    seen = training_split["train"][0]  # a training image among the evaluated ones
+    data = tmp_path / "external"
+    if layout == "folders":
+        (data / CLASS_NAMES[seen.label]).mkdir(parents=True)
+        shutil.copy(seen.path, data / CLASS_NAMES[seen.label] / seen.path.name)
+        unseen = write_jpeg(data / "NV" / "n1.jpg", 2)
+    else:
+        data.mkdir()
+        shutil.copy(seen.path, data / seen.path.name)
+        unseen = write_jpeg(data / "ISIC_7000009.jpg", 2)
+        write_csv(data / "HAM10000_metadata.csv", ["lesion_id", "image_id", "dx"],
+                  [[seen.lesion_id, seen.image_id, CLASS_NAMES[seen.label]], ["HAM_7000009", "ISIC_7000009", "nv"]])
+    argv = ["--artifacts", str(artifacts), "--data", str(data), "--views", "1", "--bootstrap", "0", "--no-progress"]
+    assert main(argv) == 0
+    out = artifacts / "eval_external"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] is None and metrics["data"] == str(data) and metrics["layout"] == layout
+    assert metrics["images"] == 2 and [r["key"] for r in metrics["rows"]] == ["single:resnet50", "thresholds"]
+    check = metrics["lesion_clean"]
+    assert check["check"] == ("image and lesion ids" if layout == "ham10000" else "image ids only")
+    assert check["clean"] is False and check["overlap"]["train"]["images"] == 1
+    assert metrics["image_overlap"]["train"] == 1
+    report = (out / "report.md").read_text()
+    assert f"# Evaluation: {data} ({layout} layout)" in report
+    assert "lesion-clean: **NO**: shared with train: 1 image" in report and seen.image_id in report
+    stdout = capsys.readouterr().out
+    assert "lesion-clean: NO: shared with train" in stdout and f"wrote {out / 'report.md'}" in stdout
+    with (out / "predictions.csv").open() as handle:
+        assert sorted(row["image"] for row in csv.DictReader(handle)) == sorted([seen.image_id, unseen.stem])
+
+
+def test_evaluate_cli_exits_with_layout_list_when_data_unrecognisable(tmp_path, artifacts, capsys):
+    assert main(["--artifacts", str(artifacts), "--data", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "the folder is empty" in err and "isic2018:" in err and "folders:" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--split", "test"], "argument --split: not allowed with argument --data"),
+    (["--splits", "x.csv"], "--splits applies to --split"),
+])
+def test_evaluate_cli_refuses_split_options_when_data_given(tmp_path, artifacts, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--artifacts", str(artifacts), "--data", str(tmp_path), *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_evaluate_cli_refuses_layout_when_scoring_a_split(artifacts, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--artifacts", str(artifacts), "--layout", "folders"])
+    assert exit_info.value.code == 2 and "--layout and --isic-split apply to --data only" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------- multi-seed

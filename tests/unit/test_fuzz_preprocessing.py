@@ -1,4 +1,4 @@
-"""Property-based fuzzing of decode/preprocess (issue #6, item 5).
+"""Property-based fuzzing of decode/preprocess.
 
 Whatever bytes arrive, ``decode_image`` either returns an HxWx3 uint8 RGB array within the pixel
 limit or raises ImageDecodeError: no other exception type, no crash, no hang (hypothesis'
