@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lesionserve.architectures import IMAGENET, Normalization
 from lesionserve.preprocessing import ImageDecodeError, decode_image, normalize, resize
 from lesionserve.spec import CLASS_NAMES, NUM_CLASSES
 
@@ -127,13 +128,15 @@ class AugmentedDataset(Dataset):
     means ``(0, i, i)``); the augmentation is seeded by ``(seed, epoch, draw)``.
     """
 
-    def __init__(self, samples: Sequence, size: int, levels: Sequence[int], seed: int = 0):
+    def __init__(self, samples: Sequence, size: int, levels: Sequence[int], seed: int = 0,
+                 normalization: Normalization = IMAGENET):
         if len(levels) != NUM_CLASSES:
             raise ValueError(f"expected {NUM_CLASSES} class levels, got {len(levels)}")
         self.samples = list(samples)
         self.size = int(size)
         self.levels = list(levels)
         self.seed = int(seed)
+        self.normalization = normalization
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -146,5 +149,5 @@ class AugmentedDataset(Dataset):
         except ImageDecodeError as exc:
             raise ImageDecodeError(f"{sample.path}: {exc}") from None
         rng = np.random.default_rng([self.seed, epoch, draw])
-        array = normalize(augment(resize(rgb, self.size), self.levels[sample.label], rng))
+        array = normalize(augment(resize(rgb, self.size), self.levels[sample.label], rng), self.normalization)
         return torch.from_numpy(array), sample.label

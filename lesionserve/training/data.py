@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lesionserve.architectures import IMAGENET, Normalization
 from lesionserve.preprocessing import ImageDecodeError, decode_image, preprocess_rgb
 from lesionserve.spec import CLASS_NAMES
 
@@ -553,15 +554,16 @@ def class_counts(samples: Sequence[Sample]) -> dict[str, int]:
 class LesionDataset(Dataset):
     """Samples -> (3 x size x size float32 tensor, label) through the serving transform.
 
-    Each item is exactly ``preprocess_rgb(decode_image(bytes), size)``; training augmentation
-    lives in ``training.augment.AugmentedDataset``.
+    Each item is exactly ``preprocess_rgb(decode_image(bytes), size, normalization)`` (the
+    architecture's statistics); training augmentation lives in ``training.augment.AugmentedDataset``.
     """
 
-    def __init__(self, samples: Sequence[Sample], size: int):
+    def __init__(self, samples: Sequence[Sample], size: int, normalization: Normalization = IMAGENET):
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
         self.samples = list(samples)
         self.size = int(size)
+        self.normalization = normalization
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -572,7 +574,7 @@ class LesionDataset(Dataset):
             rgb = decode_image(sample.path.read_bytes())
         except ImageDecodeError as exc:
             raise ImageDecodeError(f"{sample.path}: {exc}") from None
-        return torch.from_numpy(preprocess_rgb(rgb, self.size)), sample.label
+        return torch.from_numpy(preprocess_rgb(rgb, self.size, self.normalization)), sample.label
 
 
 def validation_samples(config: Mapping[str, Any]) -> list[Sample]:

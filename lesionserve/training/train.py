@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lesionserve.models import create_backbone, save_checkpoint
-from lesionserve.architectures import ARCHITECTURES, architecture_arg
+from lesionserve.architectures import ARCHITECTURES, architecture_arg, get_architecture
 from lesionserve.spec import CLASS_NAMES, NUM_CLASSES
 from lesionserve.training.augment import LEVEL_NAMES, AugmentedDataset, class_levels
 from lesionserve.training.config import (  # noqa: F401  (TrainConfig: re-exported for callers of train())
@@ -194,16 +194,17 @@ def build_data(cfg: Mapping[str, Any], rt: Runtime) -> Data:
     splits, pool_count = load_splits(cfg, rt)
     train, val = splits["train"], splits["val"]  # sorted by image id (training.splits)
     size, batch = cfg["input_size"], cfg["batch_size"]
+    norm = get_architecture(cfg["backbone"]).normalization  # the statistics serving will apply
     labels = [s.label for s in train]
     levels = class_levels(np.bincount(labels, minlength=NUM_CLASSES).tolist(), cfg["augment"])
     sampler = EpochSampler(labels, cfg["sampler"], seed=cfg["seed"], rank=rt.rank, world_size=rt.world_size)
     pin = rt.device.type == "cuda"
     # A final batch of one image breaks BatchNorm in training mode; drop it in that case only.
     drop_last = len(sampler) > batch and len(sampler) % batch == 1
-    train_loader = DataLoader(AugmentedDataset(train, size, levels, seed=cfg["seed"]), batch_size=batch,
+    train_loader = DataLoader(AugmentedDataset(train, size, levels, seed=cfg["seed"], normalization=norm), batch_size=batch,
                               sampler=sampler, num_workers=rt.workers, drop_last=drop_last, pin_memory=pin)
     # Each process scores its slice of val; confusion matrices are summed across processes.
-    val_loader = DataLoader(LesionDataset(val[rt.rank::rt.world_size], size), batch_size=batch,
+    val_loader = DataLoader(LesionDataset(val[rt.rank::rt.world_size], size, norm), batch_size=batch,
                             num_workers=rt.workers, pin_memory=pin)
     bn_loader = None
     if cfg["precise_bn_batches"] > 0 and len(train) > 1:
@@ -212,7 +213,7 @@ def build_data(cfg: Mapping[str, Any], rt: Runtime) -> Data:
         # batch of one image has no variance to measure (BatchNorm raises on it).
         count = min(len(train), cfg["precise_bn_batches"] * batch)
         pick = np.random.default_rng([cfg["seed"], 0xB4]).permutation(len(train))[:count]
-        bn_loader = DataLoader(LesionDataset([train[i] for i in sorted(pick)], size),
+        bn_loader = DataLoader(LesionDataset([train[i] for i in sorted(pick)], size, norm),
                                batch_size=min(batch, count), drop_last=True, num_workers=rt.workers, pin_memory=pin)
     return Data(train=train, val=val, test_count=len(splits.get("test", [])), pool_count=pool_count,
                 levels=levels, sampler=sampler, train_loader=train_loader, val_loader=val_loader, bn_loader=bn_loader)

@@ -329,3 +329,30 @@ def test_decode_image_names_accepted_formats_when_input_is_not_an_image(data, fr
     with pytest.raises(ImageDecodeError, match=fragment) as info:
         decode_image(data)
     assert "accepted formats" in str(info.value)
+
+
+def test_normalize_applies_each_declared_statistics_bit_identically_by_table_and_by_arithmetic():
+    from lesionserve.architectures import INCEPTION, Normalization
+
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    for norm in (INCEPTION, Normalization("odd", (0.1, 0.7, 0.3), (0.9, 0.05, 0.4))):
+        by_table = normalize(rgb, norm)  # uint8: lookup table
+        by_arithmetic = normalize(rgb.astype(np.float32), norm)  # float: the formula
+        np.testing.assert_array_equal(by_table, by_arithmetic)
+        expected = (rgb.astype(np.float64) / 255.0 - np.array(norm.mean)) / np.array(norm.std)
+        np.testing.assert_allclose(by_table, np.moveaxis(expected, -1, 0), atol=1e-5)
+
+
+def test_preprocess_batch_keys_by_member_input_and_shares_one_resize_per_size():
+    from lesionserve.architectures import IMAGENET, INCEPTION
+    from lesionserve.pipelines import Preprocessing
+    from lesionserve.preprocessing import preprocess_batch
+
+    data = _encode(_red_bgr(45, 60), ".png")
+    a, b, c = Preprocessing(64, IMAGENET), Preprocessing(64, INCEPTION), Preprocessing(32, INCEPTION)
+    out = preprocess_batch([data, data], [a, b, c])
+    assert list(out) == [a, b, c] and out[c].shape == (2, 3, 32, 32)
+    rgb = cv2.cvtColor(_red_bgr(45, 60), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(out[b][0], preprocess_rgb(rgb, 64, INCEPTION))
+    np.testing.assert_array_equal(out[a][1], preprocess_rgb(rgb, 64))
+    assert not np.array_equal(out[a], out[b])
