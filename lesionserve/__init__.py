@@ -3,3 +3,11 @@
 What the CPU Triton python models import is plain numpy/OpenCV (torch is imported only where a
 GPU variant or the reference pipeline asks for it: arrays.py does so lazily, on a torch tensor).
 """
+
+
+def prog(default: str) -> str:
+    """argparse ``prog`` of a command: ``lesionserve <command>`` when the lesionserve CLI runs it
+    (lesionserve.cli.run_module sets sys.argv[0] so), else ``default`` (its ``python -m`` form)."""
+    import sys
+
+    return sys.argv[0] if sys.argv[0].startswith("lesionserve ") else default

@@ -55,6 +55,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from lesionserve import prog
 from lesionserve.spec import CLASS_NAMES
 
 __all__ = [
@@ -964,7 +965,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training.synthetic",
+        prog=prog("python -m training.synthetic"),
         description=(
             "Write a deterministic synthetic dermoscopy dataset in the ISIC 2018 Task 3 layout: "
             f"OUT/{IMAGES_DIRNAME}/ISIC_NNNNNNN.jpg, "

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lesionserve import prog
 from lesionserve.processes import rss_bytes, shm_region_bytes, shm_used_bytes
 from lesionserve.server import PROJECT_ROOT, TritonServer
 
@@ -409,7 +410,7 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     d = SoakConfig()
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("python -m benchmarks.soak"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--requests", type=int, default=d.requests, help="classify calls to send (default %(default)s)")

@@ -47,6 +47,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from lesionserve import prog
 from lesionserve.calibration import Calibration
 from lesionserve.pipelines import LESION_ENSEMBLE
 from lesionserve.spec import ALLOWED_VIEWS, CLASS_NAMES, NUM_CLASSES, check_views
@@ -705,7 +706,7 @@ def evaluate(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training.evaluate",
+        prog=prog("python -m training.evaluate"),
         description="Score a trained ensemble through the reference pipeline, on a split of its split file "
                     "(--split) or on every labelled image of a dataset (--data): each single model (T=1), the "
                     "weighted ensemble (T=1), + TTA (T views), + thresholds. Writes metrics.json, report.md, "

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from lesionserve import prog
 from lesionserve.pipelines import LESION_ENSEMBLE
 from lesionserve.spec import ALLOWED_VIEWS
 
@@ -277,7 +278,7 @@ def run(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training.multiseed",
+        prog=prog("python -m training.multiseed"),
         description="For each seed: lesion-grouped split, train each backbone (training.train), calibrate "
                     "(training.calibrate), evaluate (training.evaluate); then mean ± std over seeds of each "
                     "report row's BACC and malignant BACC in OUT/summary.md and OUT/summary.json.",

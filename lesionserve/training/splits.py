@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from lesionserve import prog
 from lesionserve.spec import CLASS_NAMES
 from lesionserve.training.data import LAYOUTS, DatasetError, Sample, load_dataset
 
@@ -284,7 +285,7 @@ def lesion_overlap(splits: Mapping[str, Sequence[Sample]]) -> dict[str, list[str
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training.splits",
+        prog=prog("python -m training.splits"),
         description="Make a lesion-grouped, class-stratified train/val/test split of a dataset and write it "
                     "as CSV (split,image,path,label,lesion_id); prints images per class per split.",
         epilog="Example: python -m training.splits --data /work/shared/data/isic-real/ham10000_metadata.csv "

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from lesionserve import prog
 from lesionserve.models import create_backbone, save_checkpoint
 from lesionserve.architectures import ARCHITECTURES, architecture_arg, get_architecture
 from lesionserve.spec import CLASS_NAMES, NUM_CLASSES
@@ -613,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     except (OSError, ValueError) as exc:  # --help still works with a broken recipe file
         recipes, profiles = None, f"unavailable ({exc})"
     parser = argparse.ArgumentParser(
-        prog="python -m training.train",
+        prog=prog("python -m training.train"),
         description=(
             "Train one LesionServe backbone (timm, 7 ISIC 2018 classes) with the seed ensemble's recipe: "
             "class-balanced sampling, graded augmentation, focal loss with label smoothing, Adam, grad clipping, "
