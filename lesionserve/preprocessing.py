@@ -293,6 +293,12 @@ def resize_batch(
     return batch.pixels
 
 
+def _distinct(inputs: Iterable[Any]) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """(distinct inputs, distinct sizes), in first-seen order: each size is resized once."""
+    inputs = tuple(dict.fromkeys(inputs))
+    return inputs, tuple(dict.fromkeys(input_spec(item)[0] for item in inputs))
+
+
 def _normalize_batches(resized: dict[int, np.ndarray], device: str | None, inputs: Sequence[Hashable]) -> dict[Any, Any]:
     """N x S x S x 3 uint8 per size -> N x 3 x S x S float32 per input (its size, its statistics),
     on the host or on ``device``. Inputs that share a size share its resized pixels."""
@@ -326,8 +332,7 @@ def preprocess_batch(
     Raises ImageDecodeError naming the index of the first image that cannot be decoded (the
     reference pipeline and training need every image; the server uses preprocess_batch_rows).
     """
-    inputs = tuple(dict.fromkeys(inputs))
-    sizes = dict.fromkeys(input_spec(item)[0] for item in inputs)
+    inputs, sizes = _distinct(inputs)
     resized = resize_batch(images, sizes, max_pixels=max_pixels, max_bytes=max_bytes, map_fn=map_fn)
     return _normalize_batches(resized, device, inputs)
 
@@ -345,8 +350,7 @@ def preprocess_batch_rows(
     A row that cannot be decoded gets its reason in ``errors`` and all-zero pixels (zero after
     normalisation, on ``device`` too); every other row is bit-identical to preprocess_batch's.
     """
-    inputs = tuple(dict.fromkeys(inputs))
-    sizes = dict.fromkeys(input_spec(item)[0] for item in inputs)
+    inputs, sizes = _distinct(inputs)
     resized = resize_batch_rows(images, sizes, max_pixels=max_pixels, max_bytes=max_bytes, map_fn=map_fn)
     pixels = _normalize_batches(resized.pixels, device, inputs)
     failed = resized.failed
