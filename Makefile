@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lesionserve-setup
 
-.PHONY: setup demo test test-unit bench bench-quick lock clean
+.PHONY: setup demo test test-unit bench bench-quick repository lock clean
 
 setup: $(STAMP)
 
@@ -33,9 +33,23 @@ bench: setup
 bench-quick: setup
 	$(PY) -m benchmarks.run_all --quick --out runs/benchmarks/quick
 
+# Regenerate model_repository/ from the pipeline declarations (lesionserve/pipelines.py); commit the result.
+repository: setup
+	$(PY) -m lesionserve repository
+
 # Refresh requirements.lock from the current venv (after changing a dependency on purpose).
 lock:
 	$(PY) -m pip freeze --exclude-editable > requirements.lock
 
 clean:
 	rm -rf runs model_repository/*/1/model.onnx model_repository/*/1/calibration.json model_repository/*/1/checkpoint.pt model_repository/*/1/model.plan model_repository/*/1/model.plan.json
+
+# GPU proof (deploy/gpu_proof/README.md). Here: build the carry folder build/gpu-proof (PyPI wheels +
+# the Triton pieces of the nvidia-pytriton install; about 2 min). On the GPU host, in one device call:
+# `make gpu-proof` = `bash deploy/gpu_proof/run.sh` (results to $OUT; options via GPU_PROOF_ARGS="...").
+.PHONY: gpu-proof gpu-proof-pack
+gpu-proof-pack: setup
+	$(PY) -m lesionserve.gpu_proof pack --out build/gpu-proof
+
+gpu-proof:
+	bash deploy/gpu_proof/run.sh $(GPU_PROOF_ARGS)

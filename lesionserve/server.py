@@ -84,8 +84,10 @@ def backend_dir(cache: Path | None = None) -> Path:
 def server_env() -> dict[str, str]:
     """Environment for tritonserver and its python stubs.
 
-    The stub embeds the system interpreter, so this venv's site-packages (numpy<2, onnxruntime, cv2)
-    and the project root (the ``lesionserve`` package) must be on PYTHONPATH explicitly.
+    The stub runs an isolated embedded interpreter: it takes its prefix, and so this venv's
+    site-packages (numpy<2, onnxruntime, cv2), from the first ``python3`` on PATH, and (seen with
+    deploy/gpu_proof's probe model) imports ``lesionserve`` from its working folder rather than from
+    PYTHONPATH. PYTHONPATH is still set for every other process tritonserver starts.
     """
     site = sysconfig.get_paths()["purelib"]
     libs = Path(site) / "nvidia_pytriton.libs"  # the stub needs the bundled libcudart even on CPU
