@@ -1,5 +1,5 @@
 # NVIDIA's TensorRT image (same NGC release as the Triton image: a plan runs only under the TensorRT
-# that built it) plus what `python -m export.tensorrt` needs besides TensorRT: cuda-python for device
+# that built it) plus what `python3 -m lesionserve.export.tensorrt` needs besides TensorRT: cuda-python for device
 # buffers, ONNX Runtime as the check's reference, numpy<2, OpenCV and tqdm for the synthetic check
 # images. No torch: the image has none and the build does not need it.
 ARG TENSORRT_IMAGE=nvcr.io/nvidia/tensorrt:24.10-py3

@@ -214,7 +214,7 @@ def member_config(p: EnsemblePipeline, m: Member, variant: str | None) -> str:
     if variant == "gpu":
         return (
             "# Variant gpu: a TensorRT FP16 engine (1/model.plan) built on the serving GPU by\n"
-            "# `python -m export.tensorrt` (the compose engine-builder service) with the Triton image's TensorRT\n"
+            "# `lesionserve tensorrt` (in compose: the engine-builder service) with the Triton image's TensorRT\n"
             f"# release; its optimisation profile covers batch 1..{p.member_max_batch} (1/model.plan.json records it, with the\n"
             "# TensorRT version and GPU the engine was built for: a plan runs only on that GPU architecture).\n"
             + identity + f'name: "{m.name}"\nplatform: "tensorrt_plan"\ndefault_model_filename: "model.plan"\n'

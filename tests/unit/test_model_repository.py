@@ -68,7 +68,7 @@ def test_ensemble_routes_each_backbone_to_its_resolution():
         assert steps[name].input_map["pixel_values"] == member.views_tensor
         assert steps[name].output_map["logits"] == f"logits_{name}"
     fusion_inputs = [i.name for i in load_config("fusion").input if i.name.startswith("logits_")]
-    assert fusion_inputs == [f"logits_{b}" for b in BACKBONE_NAMES]  # backbone axis order = spec order
+    assert fusion_inputs == [f"logits_{b}" for b in BACKBONE_NAMES]  # member axis order = declaration order
 
 
 def test_tta_view_parameter_is_allowed_when_committed():

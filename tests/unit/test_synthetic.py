@@ -1,4 +1,4 @@
-"""Tests for the synthetic ISIC 2018 Task 3 dataset generator (training/synthetic.py)."""
+"""Tests for the synthetic ISIC 2018 Task 3 dataset generator (lesionserve/synthetic.py)."""
 from __future__ import annotations
 
 import csv
