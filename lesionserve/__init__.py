@@ -3,6 +3,10 @@
 What the CPU Triton python models import is plain numpy/OpenCV (torch is imported only where a
 GPU variant or the reference pipeline asks for it: arrays.py does so lazily, on a torch tensor).
 """
+from pathlib import Path
+
+#: The checkout this package runs from (model_repository/, runs/, benchmarks/ results live there).
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def prog(default: str) -> str:

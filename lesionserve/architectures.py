@@ -30,6 +30,9 @@ class Normalization:
     std: tuple[float, float, float]
 
     def __post_init__(self) -> None:
+        # Tuples of floats, whatever was given: the statistics key caches and tensor names (hashable).
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if not self.name.isidentifier():
             raise ValueError(f"normalization name must be an identifier (it names tensors), got {self.name!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
@@ -86,6 +89,13 @@ class Architecture:
         import timm  # torch + timm only where a network is built
 
         return timm.create_model(self.timm_name, pretrained=False, num_classes=num_classes or self.num_classes)
+
+    def differences(self, other: "Architecture") -> list[str]:
+        """What would make weights of ``self`` wrong for ``other``: network, classes, statistics, outputs
+        (the native input size may differ: a model is served at the size it was trained at)."""
+        fields = ("name", "family", "timm_name", "num_classes", "normalization", "outputs")
+        return [f"{f} {getattr(self, f)!r} (declared {getattr(other, f)!r})" for f in fields
+                if getattr(self, f) != getattr(other, f)]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain fields, stored in checkpoints so a checkpoint describes its own network."""

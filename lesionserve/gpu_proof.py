@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from lesionserve import PROJECT_ROOT
+
 HERE_DIR = PROJECT_ROOT / "deploy" / "gpu_proof"
 DEFAULT_PACK = PROJECT_ROOT / "build" / "gpu-proof"
 DEFAULT_CACHE = PROJECT_ROOT / "build" / "gpu-proof-cache"
@@ -845,7 +846,7 @@ class ProofRun:
         """The CUDA tests and the artifacts' export at once: the export is CPU work, the tests mostly GPU."""
         artifacts = self.work / "artifacts"
         shutil.rmtree(artifacts, ignore_errors=True)
-        export_cmd = [self.env.python, "-m", "export.random_artifacts", "--out", str(artifacts)]
+        export_cmd = [self.env.python, "-m", "lesionserve.export.random_artifacts", "--out", str(artifacts)]
         tests = None
         if self.args.skip_tests:
             self.skip("tests", "--skip-tests")

@@ -7,7 +7,8 @@ served is derived from it: the committed model repository (:mod:`lesionserve.rep
 every ``config.pbtxt``), assembly, the reference pipeline, calibration and the demo.
 
     from lesionserve.pipelines import EnsemblePipeline, Member
-    tiny = EnsemblePipeline("tiny_ensemble", (Member("r18", "resnet18", 160),), views=4)
+    register_architecture(Architecture("resnet18", "timm_classifier", "resnet18", 160))
+    tiny = EnsemblePipeline("tiny_ensemble", (Member("r18", "resnet18"),), views=4)
     lesionserve.repository.write_repository(out, [LESION_ENSEMBLE, tiny])   # served side by side
 
 The committed repository serves :data:`PIPELINES`; see docs/architecture.md for adding one.
@@ -47,12 +48,15 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Member:
-    """One network of an ensemble: the served model ``name`` (also its artifacts sub-folder)."""
+    """One network of an ensemble: the served model ``name`` (also its artifacts sub-folder).
+
+    Its normalisation is its architecture's (what it was trained with); its input size may differ
+    from the architecture's native one (a model trained at another size is served at that size).
+    """
 
     name: str
     architecture: str
     input_size: int | None = None  # None: the architecture's own
-    normalization: Normalization | None = None  # None: the architecture's own
 
     @property
     def arch(self) -> Architecture:
@@ -60,7 +64,7 @@ class Member:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.input_size or self.arch.input_size, self.normalization or self.arch.normalization)
+        return Preprocessing(self.input_size or self.arch.input_size, self.arch.normalization)
 
     @property
     def views_tensor(self) -> str:
@@ -107,6 +111,12 @@ class EnsemblePipeline:
                                 f"the pipeline {len(self.class_names)} ({', '.join(self.class_names)})")
             if member.input_size is not None and not (isinstance(member.input_size, int) and member.input_size > 0):
                 problems.append(f"member {member.name!r}: input_size must be a positive int, got {member.input_size!r}")
+        if not problems:
+            keys: dict[str, Preprocessing] = {}
+            for pre in self.preprocessings:  # one tensor name must mean one input
+                if keys.setdefault(pre.key, pre) != pre:
+                    problems.append(f"normalisation name {pre.normalization.name!r} stands for two statistics at "
+                                    f"{pre.size} px ({keys[pre.key].normalization} and {pre.normalization})")
         if problems:
             raise ValueError(f"pipeline {self.name!r}: " + "; ".join(problems))
 
@@ -183,13 +193,18 @@ LESION_ENSEMBLE = EnsemblePipeline(
 PIPELINES: dict[str, EnsemblePipeline] = {LESION_ENSEMBLE.name: LESION_ENSEMBLE}
 
 
-def declared_member(name: str) -> Member:
-    """The member ``name`` of a committed pipeline (members' names are unique across a repository)."""
+def declared_pipeline(member: str) -> EnsemblePipeline:
+    """The committed pipeline serving ``member`` (members' names are unique across a repository)."""
     for pipeline in PIPELINES.values():
-        if name in pipeline.member_names:
-            return pipeline.member(name)
+        if member in pipeline.member_names:
+            return pipeline
     known = [m for p in PIPELINES.values() for m in p.member_names]
-    raise ValueError(f"no committed pipeline has a member {name!r}; members: {', '.join(known)}")
+    raise ValueError(f"no committed pipeline has a member {member!r}; members: {', '.join(known)}")
+
+
+def declared_member(name: str) -> Member:
+    """The member ``name`` of a committed pipeline."""
+    return declared_pipeline(name).member(name)
 
 
 def get_pipeline(name: str) -> EnsemblePipeline:

@@ -76,10 +76,12 @@ class ReferencePipeline:
         artifacts = Path(artifacts)
         models, sizes = {}, {}
         for name in backbones or pipeline.member_names:
-            expected = pipeline.member(name).architecture
+            declared = pipeline.member(name).arch
             arch, model, payload = load_checkpoint(artifacts / name / "checkpoint.pt")
-            if arch.name != expected:
-                raise ValueError(f"{artifacts / name / 'checkpoint.pt'} holds {arch.name}, expected {expected} (member {name})")
+            wrong = arch.differences(declared)
+            if wrong:
+                raise ValueError(f"{artifacts / name / 'checkpoint.pt'} does not hold member {name}'s declared "
+                                 f"architecture: {'; '.join(wrong)}")
             models[name] = model
             sizes[name] = trained_input_size(payload, arch)
         calibration = calibration or Calibration.load(artifacts / "calibration.json")

@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from lesionserve import PROJECT_ROOT
 from lesionserve.pipelines import PIPELINES, EnsemblePipeline, Member
 from lesionserve.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, GPU_VARIANTS, TENSORRT_OPT_BATCH, check_views
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
 
 #: None is the CPU variant (config.pbtxt); the others are configs/<name>.pbtxt.

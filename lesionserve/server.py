@@ -19,10 +19,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lesionserve import PROJECT_ROOT
 from lesionserve.processes import StubProcess, mapped_shm_regions, python_stubs, remove_shm_regions
 from lesionserve.spec import GPU_VARIANTS
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 #: Python backend shared memory per instance: the largest tensor crossing it is 64 views at 300x300.
 SHM_DEFAULT_BYTES = 32 * 1024 * 1024
 SHM_GROWTH_BYTES = 32 * 1024 * 1024
@@ -216,6 +216,7 @@ class TritonServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=server_env(),
+            cwd=PROJECT_ROOT,  # the stubs import lesionserve from their working folder: this project's
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )

@@ -26,11 +26,6 @@ def check_views(views: int) -> int:
 #: Tensor names of every backbone, in ONNX files, TensorRT engines and configs alike.
 BACKBONE_INPUT = "pixel_values"
 BACKBONE_OUTPUT = "logits"
-#: Images per ensemble request (``lesion_ensemble`` and ``preprocess`` max_batch_size).
-ENSEMBLE_MAX_BATCH = 8
-#: Rows one backbone batch must hold: a whole request's fan-out (images x the largest view count).
-#: The backbone configs' max_batch_size and the TensorRT profiles' max batch are this number.
-BACKBONE_MAX_BATCH = ENSEMBLE_MAX_BATCH * max(ALLOWED_VIEWS)
 #: TensorRT profiles (engines and the gpu_ort variant alike) are tuned for this batch: four images of
 #: eight views, the middle of the members' preferred batch sizes.
 TENSORRT_OPT_BATCH = 32

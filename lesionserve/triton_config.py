@@ -46,14 +46,16 @@ def weights_file(args: dict[str, str], config: dict[str, Any], key: str, default
 
 def output_preprocessing(config: dict[str, Any], output: dict[str, Any]) -> Any:
     """The Preprocessing (size, normalisation) a preprocess output carries: the size from its dims,
-    the statistics from parameter ``normalize_<output name>`` (ImageNet when absent)."""
-    from lesionserve.architectures import IMAGENET, Normalization
+    the statistics from parameter ``normalize_<output name>``; a missing one is a broken config."""
+    from lesionserve.architectures import Normalization
     from lesionserve.pipelines import Preprocessing
 
     name = output["name"]
-    value = parameter(config, f"normalize_{name}", "")
-    normalization = Normalization.from_parameter(name, value) if value else IMAGENET
-    return Preprocessing(square_size(output["dims"]), normalization)
+    try:
+        value = parameter(config, f"normalize_{name}")
+    except KeyError as exc:
+        raise ValueError(f"{exc.args[0]} (the statistics of output {name!r}; regenerate with `lesionserve repository`)") from None
+    return Preprocessing(square_size(output["dims"]), Normalization.from_parameter(name, value))
 
 
 def square_size(dims: list[int] | list[str]) -> int:

@@ -70,15 +70,11 @@ def random_artifacts(out: Path, seed: int = 0) -> Path:
     return out if complete else build_random_artifacts(out, seed=seed)
 
 
-def served_run_batch(backbone: str = "resnet50") -> int:
-    """Rows per ORT run in the committed CPU config: the in-process baselines use the same."""
-    import re
+def served_run_batch() -> int:
+    """Rows per ORT run in the generated CPU member configs: the in-process baselines use the same."""
+    from lesionserve.repository import CPU_RUN_BATCH
 
-    text = (PROJECT_ROOT / "model_repository" / backbone / "config.pbtxt").read_text()
-    match = re.search(r'key: "run_batch" value: \{ string_value: "(\d+)"', text)
-    if not match:
-        raise ValueError(f"model_repository/{backbone}/config.pbtxt has no run_batch parameter")
-    return int(match.group(1))
+    return CPU_RUN_BATCH
 
 
 @contextmanager

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import onnx
 
+from lesionserve.architectures import Normalization
 from lesionserve.calibration import Calibration, CalibrationError
-from lesionserve.pipelines import LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, get_pipeline
-from lesionserve.repository import DEFAULT_REPOSITORY, write_repository
-from lesionserve.spec import BACKBONE_INPUT, BACKBONE_OUTPUT, check_views
+from lesionserve.export.checks import NORMALIZATION_KEY
+from lesionserve.pipelines import LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, Member, get_pipeline
+from lesionserve.repository import DEFAULT_REPOSITORY, check_repository, write_repository
+from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, check_views
 
 
 class AssembleError(RuntimeError):
@@ -43,22 +46,32 @@ def artifact_files(artifacts: Path, pipeline: EnsemblePipeline = LESION_ENSEMBLE
     return files
 
 
-def onnx_signature(path: Path) -> tuple[str, list[int | str], str]:
-    """(input name, input dims, output name) of an ONNX file; symbolic dims as their names."""
-    graph = onnx.load(str(path), load_external_data=False).graph
+def onnx_signature(path: Path) -> tuple[str, list[int | str], str, dict[str, str]]:
+    """(input name, input dims, output name, metadata) of an ONNX file; symbolic dims as their names."""
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-    return graph.input[0].name, dims, graph.output[0].name
+    return graph.input[0].name, dims, graph.output[0].name, {p.key: p.value for p in model.metadata_props}
 
 
-def check_onnx(member: str, path: Path) -> tuple[int | None, list[str]]:
+def check_onnx(member: str | Member, path: Path) -> tuple[int | None, list[str]]:
     """(input side S, problems) of ``path`` as ``member``'s model: the repository serves
     ``pixel_values`` [batch, 3, S, S] -> ``logits`` with a dynamic batch axis, at whatever S the
-    file takes (the size it was trained at). S is None when the file does not say."""
+    file takes (the size it was trained at). S is None when the file does not say. Given the
+    declared Member, the statistics the file was trained with (its metadata) must be the ones the
+    pipeline will normalise with."""
     try:
-        name, dims, output = onnx_signature(path)
+        name, dims, output, meta = onnx_signature(path)
     except Exception as exc:  # any parse failure means the file is not a usable ONNX model
         return None, [f"{path}: not a readable ONNX model ({exc})"]
     problems = []
+    trained = meta.get(NORMALIZATION_KEY)
+    if isinstance(member, Member):
+        declared = member.preprocessing.normalization
+        if trained is not None and Normalization.from_parameter(declared.name, trained) != declared:
+            problems.append(f"{path} was trained with normalisation {trained!r}; {member.name} ({member.architecture}) "
+                            f"is declared with {declared.name} ({declared.to_parameter()})")
+        member = member.name
     if (name, output) != (BACKBONE_INPUT, BACKBONE_OUTPUT):
         problems.append(f"{path}: tensors are {name!r} -> {output!r}, expected {BACKBONE_INPUT!r} -> {BACKBONE_OUTPUT!r}")
     square = len(dims) == 4 and dims[1] == 3 and isinstance(dims[2], int) and dims[2] > 0 and dims[2] == dims[3]
@@ -85,8 +98,9 @@ def served_input_sizes(artifacts: Path, pipeline: EnsemblePipeline = LESION_ENSE
     variant serves the checkpoint at that size): a stale export is refused here, not at run time.
     """
     sizes, problems = {}, []
-    for m in pipeline.member_names:
-        size, found = check_onnx(m, artifacts / m / "model.onnx")
+    for member in pipeline.members:
+        m = member.name
+        size, found = check_onnx(member, artifacts / m / "model.onnx")
         problems += found
         if size is not None:
             sizes[m] = size
@@ -163,9 +177,19 @@ def assemble_pipelines(
                 + ": assemble into a generated copy with --out DIR and serve that with --repository DIR"
             )
         target = Path(repository)
+        stale = check_repository(target, [p for _, p, _ in served])
+        if stale:  # weights beside configs of another declaration would be served wrongly
+            raise AssembleError(f"{target} is not the repository these declarations generate "
+                                f"(regenerate it with `lesionserve repository`):\n  " + "\n  ".join(stale))
     else:
         target = Path(out)
+        if target.resolve() == DEFAULT_REPOSITORY.resolve():
+            raise AssembleError(f"--out {out} is the committed repository: give another folder for the generated copy")
         if target.exists():
+            if not target.is_dir() or any(not (child / "config.pbtxt").is_file() for child in target.iterdir()):
+                # Only a previous generated repository is replaced, never an arbitrary folder.
+                raise AssembleError(f"--out {out} exists and is not a model repository (every entry a model "
+                                    "folder with config.pbtxt): remove it or choose a new path")
             shutil.rmtree(target)
         write_repository(target, [s for s, _, _ in served])
     for s, _, a in served:
@@ -199,7 +223,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the declared pipeline these artifacts are for (default %(default)s)")
     parser.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="committed repository (default %(default)s)")
     parser.add_argument("--out", help="generate a repository at this path instead of filling the committed one")
-    parser.add_argument("--views", type=int, help="TTA view count for the generated copy: 1, 2, 4 or 8")
+    parser.add_argument("--views", type=int, choices=ALLOWED_VIEWS, help="TTA view count for the generated copy")
     parser.add_argument("--checkpoints", action="store_true",
                         help="also place <member>/checkpoint.pt (the gpu_torch variant serves them)")
     return parser
@@ -207,7 +231,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    path = assemble(args.artifacts, args.repository, args.out, args.views, args.checkpoints, get_pipeline(args.pipeline))
+    try:
+        path = assemble(args.artifacts, args.repository, args.out, args.views, args.checkpoints, get_pipeline(args.pipeline))
+    except AssembleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"model repository ready: {path}")
     return 0
 

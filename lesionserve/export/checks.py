@@ -28,6 +28,20 @@ def check_batch(input_size: int, batch: int = 3, seed: int = 0, normalization: N
     return np.stack([preprocess_rgb(image, input_size, normalization) for image in images])
 
 
+#: ONNX metadata key (written by onnx_export) holding the normalisation the model was trained with,
+#: in Normalization.to_parameter form: later stages check inputs with the same statistics.
+NORMALIZATION_KEY = "lesionserve.normalization"
+
+
+def onnx_normalization(session: ort.InferenceSession) -> Normalization:
+    """The statistics an exported model was trained with (its metadata); ImageNet for files
+    exported before the metadata existed (every architecture then used ImageNet)."""
+    meta = session.get_modelmeta().custom_metadata_map
+    value = meta.get(NORMALIZATION_KEY)
+    name = meta.get(NORMALIZATION_KEY + ".name", "onnx")
+    return Normalization.from_parameter(name, value) if value else IMAGENET
+
+
 def ort_session(path: str | Path, threads: int = 0) -> ort.InferenceSession:
     """CPU ONNX Runtime session, configured as served; ``threads`` = 0 lets ORT decide."""
     return make_session(path, threads)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import torch
 
-from lesionserve.export.checks import check_batch, ort_session
+from lesionserve.export.checks import NORMALIZATION_KEY, check_batch, ort_session
 from lesionserve.models import load_checkpoint, trained_input_size
 from lesionserve.spec import BACKBONE_INPUT, BACKBONE_OUTPUT
 
@@ -68,6 +68,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, atol: float = DEFAULT_A
             opset_version=OPSET,
             dynamo=False,
         )
+    # The training statistics travel with the file: assembly refuses a pipeline that would normalise
+    # otherwise, and the TensorRT check feeds the engine inputs normalised the same way.
+    exported = onnx.load(str(tmp))
+    onnx.helper.set_model_props(exported, {NORMALIZATION_KEY: arch.normalization.to_parameter(),
+                                           NORMALIZATION_KEY + ".name": arch.normalization.name})
+    onnx.save(exported, str(tmp))
     onnx.checker.check_model(str(tmp))
 
     x = check_batch(size, batch, normalization=arch.normalization)  # a batch size unlike the export example: proves the dynamic axis

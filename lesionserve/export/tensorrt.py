@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -40,27 +41,24 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from lesionserve.pipelines import PIPELINES, declared_member
+from lesionserve.pipelines import PIPELINES, declared_member, declared_pipeline
+from lesionserve.repository import DEFAULT_REPOSITORY
 from lesionserve.parity import DEFAULT_MAX_PROB_DIFF, DEFAULT_MIN_AGREEMENT, ParityReport, compare_logits
 from lesionserve.spec import (
     ALLOWED_VIEWS,
     BACKBONE_INPUT,
-    BACKBONE_MAX_BATCH,
     BACKBONE_OUTPUT,
-    ENSEMBLE_MAX_BATCH,
     TENSORRT_OPT_BATCH,
     get_variant,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
 DEFAULT_WORKSPACE_GB = 4.0
 DEFAULT_OPT_BATCH = TENSORRT_OPT_BATCH
 #: 256 rows: one disagreement still meets 99.5 %, two do not.
 DEFAULT_CHECK_IMAGES = 256
 #: The check feeds the engine batches of these sizes in turn: the profile's min, a single image's
-#: eight views and the max, so the whole profile range is exercised, not one shape.
-CHECK_CHUNKS = (1, 8, BACKBONE_MAX_BATCH)
+#: eight views and the max (None: the profile's), so the whole profile range is exercised, not one shape.
+CHECK_CHUNKS = (1, 8, None)
 PLAN_FILE = "model.plan"
 
 
@@ -104,18 +102,30 @@ class Profile:
         }
 
 
+def served_max_batch(repository: Path, member: str) -> int | None:
+    """max_batch_size of ``member``'s gpu config in ``repository`` (its pipeline's whole fan-out), if there."""
+    path = repository / member / "configs" / "gpu.pbtxt"
+    match = re.search(r"^max_batch_size:\s*(\d+)", path.read_text(), re.M) if path.is_file() else None
+    return int(match.group(1)) if match else None
+
+
 def engine_profile(
-    backbone: str, opt_batch: int = DEFAULT_OPT_BATCH, max_batch: int = BACKBONE_MAX_BATCH, input_size: int | None = None
+    backbone: str, opt_batch: int = DEFAULT_OPT_BATCH, max_batch: int | None = None, input_size: int | None = None,
+    fan_out: int | None = None,
 ) -> Profile:
     """The profile for ``backbone``: batch 1 .. max_batch, which must hold a whole request's fan-out.
 
+    ``fan_out``: the rows one request can bring (the member config's max_batch_size, see
+    served_max_batch); default what its committed pipeline declares. ``max_batch`` defaults to it.
     ``input_size``: the side the ONNX file takes (its trained size, see onnx_input_size); default the
     size its committed pipeline declares.
     """
-    needed = ENSEMBLE_MAX_BATCH * max(ALLOWED_VIEWS)
-    if max_batch < needed:
+    if fan_out is None:
+        fan_out = declared_pipeline(backbone).member_max_batch
+    max_batch = max_batch or fan_out
+    if max_batch < fan_out:
         raise ValueError(
-            f"max batch {max_batch} < ensemble max batch {ENSEMBLE_MAX_BATCH} x {max(ALLOWED_VIEWS)} views = {needed}: "
+            f"max batch {max_batch} < a request's fan-out {fan_out} (ensemble max batch x {max(ALLOWED_VIEWS)} views): "
             f"Triton would refuse a full request's fan-out at run time"
         )
     if not 1 <= opt_batch <= max_batch:
@@ -363,9 +373,10 @@ class EngineRunner:
         self.d_out = _cuda(c, c.cudaMalloc(rows * self.classes * 4), "cudaMalloc (output)")
         self.stream = _cuda(c, c.cudaStreamCreate(), "cudaStreamCreate")
 
-    def __call__(self, x: np.ndarray, chunks: Sequence[int] = CHECK_CHUNKS) -> np.ndarray:
+    def __call__(self, x: np.ndarray, chunks: Sequence[int | None] = CHECK_CHUNKS) -> np.ndarray:
         c, out = self.cudart, []
-        for start, stop in chunk_rows(len(x), [min(n, self.profile.max_batch) for n in chunks]):
+        sizes = [self.profile.max_batch if n is None else min(n, self.profile.max_batch) for n in chunks]
+        for start, stop in chunk_rows(len(x), sizes):
             chunk = np.ascontiguousarray(x[start:stop], dtype=np.float32)
             if not self.context.set_input_shape(self.profile.input_name, chunk.shape):
                 raise EngineBuildError(f"engine refused input shape {chunk.shape} (profile {self.profile.to_json()})")
@@ -402,10 +413,11 @@ def check_engine(
     max_prob_diff: float = DEFAULT_MAX_PROB_DIFF,
 ) -> ParityReport:
     """Engine vs ONNX Runtime (CPU, FP32) on ``images`` synthetic lesions through the shared preprocessing."""
-    from lesionserve.export.checks import check_batch, ort_logits, ort_session
+    from lesionserve.export.checks import check_batch, onnx_normalization, ort_logits, ort_session
 
-    x = check_batch(profile.input_size, batch=images, seed=1)
-    reference = ort_logits(ort_session(onnx_path), x)
+    session = ort_session(onnx_path)
+    x = check_batch(profile.input_size, batch=images, seed=1, normalization=onnx_normalization(session))
+    reference = ort_logits(session, x)
     with EngineRunner(plan, profile) as run:
         candidate = run(x)
     return compare_logits(reference, candidate, min_agreement, max_prob_diff)
@@ -429,7 +441,8 @@ class EngineOptions:
 def build_backbone(backbone: str, onnx_path: Path, plan_path: Path, options: EngineOptions) -> dict[str, Any]:
     """Build, check and install one engine (or keep a current one); returns its model.plan.json content."""
     trt = _import_tensorrt()
-    profile = engine_profile(backbone, options.opt_batch, input_size=onnx_input_size(onnx_path))
+    profile = engine_profile(backbone, options.opt_batch, input_size=onnx_input_size(onnx_path),
+                             fan_out=served_max_batch(plan_path.parents[1], backbone))
     device = device_info()
     onnx_sha = file_sha256(onnx_path)
     meta_path = plan_path.with_name(plan_path.name + ".json")
@@ -513,7 +526,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="which members (default: every model whose configs/gpu.pbtxt serves a TensorRT plan)")
     parser.add_argument("--workspace-gb", type=float, default=DEFAULT_WORKSPACE_GB, help="builder workspace limit in GiB (default %(default)s)")
     parser.add_argument("--timing-cache", type=Path, help="timing cache file, read if present and updated after each build")
-    parser.add_argument("--opt-batch", type=int, default=DEFAULT_OPT_BATCH, help=f"profile's optimal batch (default %(default)s; the profile spans 1..{BACKBONE_MAX_BATCH})")
+    parser.add_argument("--opt-batch", type=int, default=DEFAULT_OPT_BATCH, help="profile's optimal batch (default %(default)s; the profile spans 1 .. the member config's max_batch_size)")
     parser.add_argument("--check-images", type=int, default=DEFAULT_CHECK_IMAGES, help="images in the engine check (default %(default)s)")
     parser.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, help="least argmax agreement with ONNX Runtime (default %(default)s)")
     parser.add_argument("--max-prob-diff", type=float, default=DEFAULT_MAX_PROB_DIFF, help="largest probability difference (default %(default)s)")
@@ -544,8 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_trtexec:
         for b in args.backbones:
             onnx = (args.artifacts / b / "model.onnx") if args.artifacts else repository / b / "1" / "model.onnx"
-            size = onnx_input_size(onnx) if onnx.is_file() else None  # no file yet: the spec's size
-            command = trtexec_command(onnx, repository / b / "1" / PLAN_FILE, engine_profile(b, args.opt_batch, input_size=size), args.workspace_gb, args.timing_cache)
+            size = onnx_input_size(onnx) if onnx.is_file() else None  # no file yet: the declared size
+            command = trtexec_command(onnx, repository / b / "1" / PLAN_FILE, engine_profile(b, args.opt_batch, input_size=size, fan_out=served_max_batch(repository, b)), args.workspace_gb, args.timing_cache)
             print(" ".join(command))
         return 0
     options = EngineOptions(args.workspace_gb, args.timing_cache, args.opt_batch, args.check_images,

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lesionserve.calibration import Calibration, exceeds
-from lesionserve.pipelines import LESION_ENSEMBLE
+from lesionserve.pipelines import LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, get_pipeline
 from lesionserve.spec import CLASS_NAMES
 
 THETA_GRID = np.linspace(0.01, 0.99, 199)
@@ -94,9 +94,14 @@ def calibrate(
     artifacts: str | Path,
     views: int = 8,
     rules: tuple[ThresholdRule, ...] = DEFAULT_RULES,
-    backbones: Sequence[str] = LESION_ENSEMBLE.member_names,
+    backbones: Sequence[str] | None = None,
+    pipeline: EnsemblePipeline = LESION_ENSEMBLE,
 ) -> Calibration:
-    """Compute and write ``<artifacts>/calibration.json`` from the backbones' validation data."""
+    """Compute and write ``<artifacts>/calibration.json`` from the members' validation data.
+
+    ``backbones``: the members to fuse (default: every member of ``pipeline``).
+    """
+    backbones = tuple(backbones or pipeline.member_names)
     from lesionserve.reference import ReferencePipeline
     from lesionserve.training.data import validation_samples
 
@@ -111,7 +116,7 @@ def calibrate(
     samples = validation_samples(config)
     # Thresholds are chosen on the fused outputs these weights produce, before any threshold exists.
     pipeline = ReferencePipeline.from_artifacts(
-        artifacts, views=views, backbones=backbones, calibration=Calibration(weights=weights)
+        artifacts, views=views, backbones=backbones, calibration=Calibration(weights=weights), pipeline=pipeline
     )
     chunks = [samples[i : i + CHUNK] for i in range(0, len(samples), CHUNK)]
     probs = np.concatenate([
@@ -119,7 +124,7 @@ def calibrate(
         for chunk in tqdm(chunks, desc=f"validation TTA x{views}", unit="batch", file=sys.stderr)
     ])
     labels = np.array([s.label for s in samples])
-    thresholds, notes = calibrate_thresholds(probs, labels, rules)
+    thresholds, notes = calibrate_thresholds(probs, labels, rules)  # rules name classes of CLASS_NAMES
     calibration = Calibration(
         weights=weights,
         thresholds=thresholds,
@@ -141,14 +146,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", required=True, help="folder with <backbone>/{checkpoint.pt,metrics.json,config.json}")
     parser.add_argument("--views", type=int, default=8, choices=(1, 2, 4, 8), help="TTA views (default %(default)s)")
-    parser.add_argument("--backbones", nargs="+", default=list(LESION_ENSEMBLE.member_names), choices=LESION_ENSEMBLE.member_names,
-                        help="backbones to fuse (default: all three)")
+    parser.add_argument("--pipeline", default=LESION_ENSEMBLE.name, choices=sorted(PIPELINES),
+                        help="the declared pipeline the artifacts are for (default %(default)s)")
+    parser.add_argument("--backbones", nargs="+", metavar="NAME",
+                        help="members to fuse (default: every member of the pipeline)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    c = calibrate(args.artifacts, views=args.views, backbones=tuple(args.backbones))
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    pipeline = get_pipeline(args.pipeline)
+    unknown = sorted(set(args.backbones or ()) - set(pipeline.member_names))
+    if unknown:
+        parser.error(f"{', '.join(unknown)}: not a member of {pipeline.name}; members: {', '.join(pipeline.member_names)}")
+    c = calibrate(args.artifacts, views=args.views, backbones=args.backbones, pipeline=pipeline)
     print("fusion weights: " + ", ".join(f"{k} {v:.3f}" for k, v in c.weights.items()))
     for name in c.threshold_order:
         print(f"threshold {name}: {c.thresholds[name]:.3f} ({c.meta['threshold_selection'][name]})")

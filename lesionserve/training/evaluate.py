@@ -364,7 +364,8 @@ def predict(pipeline: Any, samples: Sequence[Sample], chunk_size: int = DEFAULT_
     views = pipeline.views
     # The T=1 twin shares the loaded models: no second copy of the weights.
     single_view = pipeline if views == 1 else ReferencePipeline(
-        pipeline.models, pipeline.calibration, views=1, batch_size=pipeline.batch_size, max_pixels=pipeline.max_pixels
+        pipeline.models, pipeline.calibration, views=1, batch_size=pipeline.batch_size, max_pixels=pipeline.max_pixels,
+        input_sizes=pipeline.input_sizes, pipeline=pipeline.pipeline,  # the trained sizes, as the T-view pass
     )
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("single", "ensemble", "tta", "decided", "fired")}
     with tqdm(total=len(samples), desc=f"evaluating (T=1 and T={views})", unit="img", file=sys.stderr,
@@ -374,7 +375,7 @@ def predict(pipeline: Any, samples: Sequence[Sample], chunk_size: int = DEFAULT_
             images = [Path(s.path).read_bytes() for s in chunk]
             one = single_view.run(images)
             many = one if views == 1 else pipeline.run(images)
-            decided, fired = pipeline.calibration.decide(many.probs)
+            decided, fired = pipeline.calibration.decide(many.probs, pipeline.pipeline.class_names)
             for key, value in (("single", one.backbone_probs), ("ensemble", one.probs), ("tta", many.probs),
                                ("decided", decided), ("fired", fired)):
                 parts[key].append(np.asarray(value))
@@ -534,7 +535,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         # The reference pipeline evaluates each model at the resolution it was trained at.
         note = f"{b} (weight {result['calibration']['weights'].get(b, float('nan')):.3f}, evaluated at {size}px"
         if size != served:
-            note += f"; the committed repository serves {served}px: serve it with `export.assemble --out`, which rewrites the copy for {size}px"
+            note += f"; the committed repository serves {served}px: serve it with `export.assemble --out`, which generates a repository for {size}px"
         backbone_notes.append(note + ")")
     lines.append("- backbones: " + "; ".join(backbone_notes))
     thresholds = result["calibration"]["thresholds"]

@@ -137,7 +137,7 @@ def train_seed(
         if resume and (out / DONE_MARKER).is_file():
             print(f"seed {seed}: {backbone} already trained, skipping (--resume)", file=sys.stderr)
             continue
-        config = {"backbone": backbone, "data": data, "out": str(out), "seed": seed, "splits": str(splits_path),
+        config = {"backbone": LESION_ENSEMBLE.member(backbone).architecture, "data": data, "out": str(out), "seed": seed, "splits": str(splits_path),
                   **extra}
         _check_train_accepts(train_module, list(config))
         print(f"seed {seed}: training {backbone}", file=sys.stderr)

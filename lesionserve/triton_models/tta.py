@@ -1,4 +1,4 @@
-"""Triton python model: pixel_values_S [N,3,S,S] -> views_S [N*T,3,S,S] (image-major) + num_views.
+"""Triton python model: pixel_values_<key> [N,3,S,S] -> views_<key> [N*T,3,S,S] per member input (image-major) + num_views.
 
 KIND_CPU: numpy on the host. KIND_GPU: the same flips and transposes on the GPU (torch, DLPack).
 """
@@ -15,7 +15,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = parse_args_config(args)
         self.views = check_views(int(parameter(config, "views")))
-        # pixel_values_224 -> views_224, ...: one pair per resolution in the config.
+        # pixel_values_224_imagenet -> views_224_imagenet, ...: one pair per member input in the config.
         self.pairs = [(i["name"], i["name"].replace("pixel_values_", "views_")) for i in config["input"]]
         self.device = device_for(args)
 

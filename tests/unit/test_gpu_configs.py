@@ -13,9 +13,7 @@ from lesionserve.repository import DEFAULT_REPOSITORY
 from lesionserve.export.tensorrt import engine_profile
 from lesionserve.spec import (
     BACKBONE_INPUT,
-    BACKBONE_MAX_BATCH,
     BACKBONE_OUTPUT,
-    ENSEMBLE_MAX_BATCH,
     GPU_VARIANTS,
     NUM_CLASSES,
 )
@@ -23,6 +21,7 @@ from lesionserve.torch_runtime import DEFAULT_BUCKETS
 from lesionserve.triton_config import backbone_runtime, batch_buckets, device_for, flag
 
 BACKBONE_NAMES = LESION_ENSEMBLE.member_names
+ENSEMBLE_MAX_BATCH, BACKBONE_MAX_BATCH = LESION_ENSEMBLE.max_batch_size, LESION_ENSEMBLE.member_max_batch
 STEPS = ("preprocess", "tta", "fusion", "threshold")
 KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
 KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU

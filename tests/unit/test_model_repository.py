@@ -259,3 +259,34 @@ def test_weights_file_names_model_path_and_remedy_when_missing(tmp_path):
     (tmp_path / "resnet50" / "1").mkdir(parents=True)
     (tmp_path / "resnet50" / "1" / "model.onnx").write_bytes(b"x")
     assert weights_file(args, config, "onnx_file", "model.onnx", "run X").name == "model.onnx"
+
+
+def test_assemble_refuses_an_onnx_file_trained_with_other_statistics_than_declared(tmp_path):
+    from lesionserve.architectures import INCEPTION
+    from lesionserve.export.checks import NORMALIZATION_KEY
+
+    artifacts = _fake_artifacts(tmp_path / "art")
+    model = onnx.load(str(artifacts / "densenet121" / "model.onnx"))
+    onnx.helper.set_model_props(model, {NORMALIZATION_KEY: INCEPTION.to_parameter()})
+    onnx.save(model, str(artifacts / "densenet121" / "model.onnx"))
+    with pytest.raises(AssembleError, match=r"densenet121/model.onnx was trained with normalisation 'mean=0.5,0.5,0.5;.*"
+                                            r"densenet121 \(densenet121\) is declared with imagenet"):
+        assemble(artifacts, out=tmp_path / "repo")
+
+
+def test_assemble_out_replaces_only_a_generated_repository_and_never_the_committed_one(tmp_path, capsys):
+    from lesionserve.export.assemble import main
+
+    artifacts = _fake_artifacts(tmp_path / "art")
+    precious = tmp_path / "home"
+    (precious / "notes").mkdir(parents=True)
+    with pytest.raises(AssembleError, match="exists and is not a model repository"):
+        assemble(artifacts, out=precious)
+    assert (precious / "notes").is_dir()
+    with pytest.raises(AssembleError, match="is the committed repository"):
+        assemble(artifacts, out=DEFAULT_REPOSITORY)
+    assemble(artifacts, out=tmp_path / "repo")
+    assemble(artifacts, out=tmp_path / "repo", views=1)  # a generated one is replaced
+    assert load_config("tta", tmp_path / "repo").parameters["views"].string_value == "1"
+    assert main(["--artifacts", str(artifacts), "--out", str(precious)]) == 2
+    assert capsys.readouterr().err.startswith("error: --out")

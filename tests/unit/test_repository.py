@@ -116,3 +116,13 @@ def test_architecture_registry_refuses_a_conflicting_redeclaration():
 def test_committed_pipelines_are_the_seed_ensemble():
     assert list(PIPELINES) == ["lesion_ensemble"]
     assert LESION_ENSEMBLE.input_sizes == {"resnet50": 224, "densenet121": 224, "efficientnet_b3": 300}
+
+
+def test_one_tensor_name_must_mean_one_input_and_statistics_are_hashable_tuples():
+    a = register_architecture(Architecture("test_r18_a", "timm_classifier", "resnet18", 224,
+                                           Normalization("same", [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])))
+    b = register_architecture(Architecture("test_r18_b", "timm_classifier", "resnet18", 224,
+                                           Normalization("same", (0.4, 0.4, 0.4), (0.5, 0.5, 0.5))))
+    assert a.normalization.mean == (0.5, 0.5, 0.5) and hash(a.normalization)
+    with pytest.raises(ValueError, match="normalisation name 'same' stands for two statistics at 224 px"):
+        EnsemblePipeline("clash", (Member("a", a.name), Member("b", b.name)))

@@ -25,9 +25,9 @@ from lesionserve.export.tensorrt import (
 )
 from lesionserve.parity import ParityError, compare_logits, compare_probabilities
 from lesionserve.pipelines import LESION_ENSEMBLE
-from lesionserve.spec import BACKBONE_MAX_BATCH
 
 BACKBONE_NAMES = LESION_ENSEMBLE.member_names
+BACKBONE_MAX_BATCH = LESION_ENSEMBLE.member_max_batch
 from tests.unit.test_model_repository import tiny_onnx
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -42,8 +42,14 @@ def test_engine_profile_spans_one_to_full_fan_out_when_defaults_used():
 
 
 def test_engine_profile_raises_when_max_batch_cannot_hold_a_full_request():
-    with pytest.raises(ValueError, match=r"max batch 32 < ensemble max batch 8 x 8 views = 64"):
+    with pytest.raises(ValueError, match=r"max batch 32 < a request's fan-out 64"):
         engine_profile("resnet50", opt_batch=8, max_batch=32)
+    # Another pipeline's member: the fan-out its generated config declares.
+    assert engine_profile("any_member", opt_batch=8, input_size=96, fan_out=128).max_batch == 128
+    from lesionserve.export.tensorrt import served_max_batch
+    from lesionserve.repository import DEFAULT_REPOSITORY
+
+    assert served_max_batch(DEFAULT_REPOSITORY, "resnet50") == 64 and served_max_batch(DEFAULT_REPOSITORY, "nope") is None
 
 
 def test_engine_profile_raises_when_opt_batch_outside_range():
