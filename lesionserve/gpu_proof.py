@@ -42,10 +42,9 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from lesionserve import PROJECT_ROOT
 
@@ -550,25 +549,11 @@ def gpu_bound(artifacts: Path, batches: Sequence[int] = (8, 64), repeats: int = 
     return out
 
 
-@contextmanager
-def gpu_torch_served(artifacts: Path, views: int, out: Path, log_name: str = "tritonserver.log") -> Iterator[Any]:
-    """lesionserve.benchmarks.common.served for the gpu_torch variant: checkpoints placed, GPU configs."""
-    from lesionserve.export.assemble import assemble
-    from lesionserve.server import TritonServer
-
-    repo = assemble(artifacts, out=Path(out) / f"repository_t{views}", views=views, checkpoints=True)
-    server = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_path=Path(out) / log_name,
-                          startup_timeout=300, model_config_name=GPU_VARIANT)
-    with server:
-        yield server
-
-
 def run_harness(argv: Sequence[str]) -> int:
     """benchmarks.harness with the ensemble served as gpu_torch (its baselines are unchanged)."""
     from lesionserve.benchmarks import harness
 
-    harness.served = gpu_torch_served
-    return harness.main(list(argv))
+    return harness.main([*argv, "--variant", GPU_VARIANT])
 
 
 # ------------------------------------------------------------- pytest plugin: CUDA tests only

@@ -19,7 +19,7 @@ from .errors import (
 )
 from .results import LesionResult
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ImageError",

@@ -78,12 +78,17 @@ def served_run_batch() -> int:
 
 
 @contextmanager
-def served(artifacts: Path, views: int, out: Path, log_name: str = "tritonserver.log") -> Iterator[TritonServer]:
-    """The committed model repository with ``artifacts`` at ``views`` views, served on free ports."""
+def served(artifacts: Path, views: int, out: Path, log_name: str = "tritonserver.log",
+           variant: str | None = None) -> Iterator[TritonServer]:
+    """The seed ensemble with ``artifacts`` at ``views`` views, served on free ports; ``variant``:
+    a GPU variant (``--model-config-name``; checkpoints are placed where it needs them), None = CPU."""
     from lesionserve.export.assemble import assemble
+    from lesionserve.spec import get_variant
 
-    repo = assemble(artifacts, out=out / f"repository_t{views}", views=views)
-    server = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_path=out / log_name, startup_timeout=300)
+    checkpoints = variant is not None and get_variant(variant).needs_checkpoints
+    repo = assemble(artifacts, out=out / f"repository_t{views}", views=views, checkpoints=checkpoints)
+    server = TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_path=out / log_name, startup_timeout=300,
+                          model_config_name=variant)
     with server:
         yield server
 

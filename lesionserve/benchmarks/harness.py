@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from lesionserve.benchmarks.common import (DEFAULT_OUT, Timing, calls_for, cycle, load_images, machine_info, measure, median, random_artifacts,
                                served, served_run_batch, write_json)
-from lesionserve.spec import ALLOWED_VIEWS
+from lesionserve.spec import ALLOWED_VIEWS, GPU_VARIANTS
 
 #: Ratio goals on the CPU (benchmarks/RESULTS.md), (numerator, denominator) -> minimum.
 GOALS = {("triton", "bound"): 0.90, ("triton", "torch"): 1.8}
@@ -60,7 +60,7 @@ def bench_views(args: argparse.Namespace, artifacts: Path, images: list[bytes], 
         timings[name]["latency"].append(measure(lambda take=cycle(images, 1): classify(take()), 1, latency_calls))
         time.sleep(0.5)  # let the idle threads of this runtime stop spinning before the next one runs
 
-    with served(artifacts, views, args.out, log_name=f"tritonserver_t{views}.log") as server:
+    with served(artifacts, views, args.out, log_name=f"tritonserver_t{views}.log", variant=args.variant) as server:
         with LesionClient(server.grpc_url, timeout=900, max_workers=1, max_images_per_request=batch) as client:
             for index in tqdm(range(rounds), desc=f"T={views} rounds"):
                 run("triton", client.classify)
@@ -159,6 +159,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="backbone rows per run in (b) and (c) (default: the served run_batch, %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for in-process pipelines (default: all cores, %(default)s)")
     parser.add_argument("--artifacts", type=Path, help="exported artifacts to serve (default: random-weight ones under --out)")
+    parser.add_argument("--variant", choices=sorted(GPU_VARIANTS),
+                        help="serve (a) as this GPU variant (--model-config-name); default the CPU variant. "
+                             "The baselines (b)-(d) stay on the CPU")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "harness", help="results folder (default %(default)s)")
     return parser
 

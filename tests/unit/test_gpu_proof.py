@@ -3,7 +3,6 @@ binaries, the pack's size and contents, run.sh's arguments and its CUDA-absent e
 tritonserver serving a probe model whose stub imports numpy from the stub venv, not PYTHONPATH."""
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -157,10 +156,12 @@ def test_cuda_test_files_finds_the_gpu_tests_when_scanning_tests():
     assert {"test_array_steps.py", "test_torch_runtime.py", "test_gpu_variants.py"} <= names
 
 
-def test_gpu_torch_served_takes_the_arguments_of_common_served_when_patched_into_harness():
-    from lesionserve.benchmarks.common import served
+def test_harness_serves_the_gpu_torch_variant_when_asked():
+    from lesionserve.benchmarks.harness import get_args_parser
 
-    assert list(inspect.signature(gpu_proof.gpu_torch_served).parameters) == list(inspect.signature(served).parameters)
+    assert get_args_parser().parse_args(["--variant", gpu_proof.GPU_VARIANT]).variant == "gpu_torch"
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["--variant", "tpu"])
 
 
 def test_probe_problems_names_numpy_2_and_its_source_when_stub_got_the_hosts():
