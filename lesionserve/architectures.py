@@ -11,8 +11,9 @@ business (:mod:`lesionserve.pipelines`), not an architecture's.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from lesionserve.spec import NUM_CLASSES
 
@@ -126,6 +127,18 @@ def register_architecture(architecture: Architecture) -> Architecture:
         raise ValueError(f"architecture {architecture.name!r} is already registered as {known}")
     ARCHITECTURES[architecture.name] = architecture
     return architecture
+
+
+@contextmanager
+def registered(*architectures: Architecture) -> Iterator[tuple[Architecture, ...]]:
+    """Register ``architectures`` for the duration of a block (an experiment, a test), then remove
+    those that were not registered before, so the registry (and every --help listing it) is as it was."""
+    added = [a.name for a in architectures if a.name not in ARCHITECTURES]
+    try:
+        yield tuple(register_architecture(a) for a in architectures)
+    finally:
+        for name in added:
+            ARCHITECTURES.pop(name, None)
 
 
 for _arch in (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lesionserve.architectures import Architecture, Normalization, register_architecture
+from lesionserve.architectures import Architecture, Normalization, registered
 from lesionserve.calibration import Calibration
 from lesionserve.export.assemble import assemble_pipelines
 from lesionserve.export.random_artifacts import build_random_artifacts
@@ -29,27 +29,31 @@ ARCHITECTURES = (
                  normalization=Normalization("inception", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))),
     Architecture("lite_mobilenet", "timm_classifier", "mobilenetv3_small_100", input_size=128, normalization=LITE_NORM),
 )
-for _arch in ARCHITECTURES:  # registering is idempotent; the declaration below refers to them
-    register_architecture(_arch)
-SECOND = EnsemblePipeline(
-    "lite_ensemble",
-    (Member("lite_resnet18", "lite_resnet18"), Member("lite_mobilenet", "lite_mobilenet")),
-    views=4,
-    description="test pipeline: ResNet18 @96 (inception statistics) + MobileNetV3-S @128 (own statistics), 4 views",
-)
 
 
 @pytest.fixture(scope="module")
-def second_artifacts(tmp_path_factory):
+def second():
+    """The second declaration, with its architectures registered for this module only."""
+    with registered(*ARCHITECTURES):
+        yield EnsemblePipeline(
+            "lite_ensemble",
+            (Member("lite_resnet18", "lite_resnet18"), Member("lite_mobilenet", "lite_mobilenet")),
+            views=4,
+            description="test pipeline: ResNet18 @96 (inception statistics) + MobileNetV3-S @128 (own statistics), 4 views",
+        )
+
+
+@pytest.fixture(scope="module")
+def second_artifacts(second, tmp_path_factory):
     calibration = Calibration(weights={"lite_resnet18": 0.7, "lite_mobilenet": 0.3}, thresholds={"MEL": 0.2},
                               threshold_order=("MEL",))
-    return build_random_artifacts(tmp_path_factory.mktemp("lite"), calibration, seed=3, pipeline=SECOND)
+    return build_random_artifacts(tmp_path_factory.mktemp("lite"), calibration, seed=3, pipeline=second)
 
 
 @pytest.fixture(scope="module")
-def two_pipeline_server(small_artifacts, second_artifacts, tmp_path_factory):
+def two_pipeline_server(second, small_artifacts, second_artifacts, tmp_path_factory):
     out = tmp_path_factory.mktemp("two") / "model_repository"
-    repository = assemble_pipelines([(LESION_ENSEMBLE, small_artifacts), (SECOND, second_artifacts)], out=out)
+    repository = assemble_pipelines([(LESION_ENSEMBLE, small_artifacts), (second, second_artifacts)], out=out)
     server = TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=240).start()
     yield server, repository
     server.stop()
@@ -63,11 +67,11 @@ def _arrays(results, classes, members):
 
 @pytest.mark.parametrize("which", ["lesion_ensemble", "lite_ensemble"])
 def test_each_pipeline_matches_its_reference_within_1e4_when_two_share_one_server(
-    which, two_pipeline_server, small_artifacts, second_artifacts, varied_images
+    which, second, two_pipeline_server, small_artifacts, second_artifacts, varied_images
 ):
     server, repository = two_pipeline_server
     if which == "lite_ensemble":
-        declared, artifacts = SECOND, second_artifacts
+        declared, artifacts = second, second_artifacts
     else:
         declared, artifacts = LESION_ENSEMBLE, small_artifacts
     reference = ReferencePipeline.from_artifacts(artifacts, views=declared.views, pipeline=declared)
@@ -83,10 +87,10 @@ def test_each_pipeline_matches_its_reference_within_1e4_when_two_share_one_serve
     assert [r.label for r in results] == expected.labels
 
 
-def test_served_repository_is_exactly_the_generated_one_for_both_declarations(two_pipeline_server, small_artifacts):
+def test_served_repository_is_exactly_the_generated_one_for_both_declarations(second, two_pipeline_server):
     _, repository = two_pipeline_server
     small = LESION_ENSEMBLE.with_input_sizes({m: 64 for m in LESION_ENSEMBLE.member_names})
-    assert check_repository(repository, [small, SECOND]) == []
+    assert check_repository(repository, [small, second]) == []
     # Tensors are keyed by size and normalisation: the two pipelines' inputs never collide.
     text = (repository / "lite_ensemble_preprocess" / "config.pbtxt").read_text()
     assert "pixel_values_96_inception" in text and "pixel_values_128_lite" in text

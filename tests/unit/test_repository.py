@@ -7,7 +7,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from lesionserve.architectures import INCEPTION, Architecture, Normalization, get_architecture, register_architecture
+from lesionserve.architectures import (
+    ARCHITECTURES, INCEPTION, Architecture, Normalization, get_architecture, register_architecture, registered,
+)
 from lesionserve.pipelines import LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, Member
 from lesionserve.repository import (
     DEFAULT_REPOSITORY, VARIANTS, check_repository, main, render_pipeline, render_repository, write_repository,
@@ -84,9 +86,10 @@ def test_input_size_change_retypes_every_tensor_and_route(tmp_path):
 
 
 def test_members_with_other_normalisation_get_their_own_tensor_and_parameter():
-    arch = register_architecture(Architecture("test_r18_incep", "timm_classifier", "resnet18", 224, INCEPTION))
-    p = EnsemblePipeline("two_norms", (Member("a_r50", "resnet50"), Member("b_r18", arch.name)))
-    text = render_pipeline(p)["two_norms_preprocess/config.pbtxt"]
+    with registered(Architecture("test_r18_incep", "timm_classifier", "resnet18", 224, INCEPTION)) as (arch,):
+        p = EnsemblePipeline("two_norms", (Member("a_r50", "resnet50"), Member("b_r18", arch.name)))
+        text = render_pipeline(p)["two_norms_preprocess/config.pbtxt"]
+    assert "test_r18_incep" not in ARCHITECTURES  # registered for the block only
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
     assert [o.name for o in config.output] == ["pixel_values_224_imagenet", "pixel_values_224_inception", "error"]
     value = config.parameters["normalize_pixel_values_224_inception"].string_value
@@ -119,10 +122,10 @@ def test_committed_pipelines_are_the_seed_ensemble():
 
 
 def test_one_tensor_name_must_mean_one_input_and_statistics_are_hashable_tuples():
-    a = register_architecture(Architecture("test_r18_a", "timm_classifier", "resnet18", 224,
-                                           Normalization("same", [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])))
-    b = register_architecture(Architecture("test_r18_b", "timm_classifier", "resnet18", 224,
-                                           Normalization("same", (0.4, 0.4, 0.4), (0.5, 0.5, 0.5))))
-    assert a.normalization.mean == (0.5, 0.5, 0.5) and hash(a.normalization)
-    with pytest.raises(ValueError, match="normalisation name 'same' stands for two statistics at 224 px"):
-        EnsemblePipeline("clash", (Member("a", a.name), Member("b", b.name)))
+    with registered(
+        Architecture("test_r18_a", "timm_classifier", "resnet18", 224, Normalization("same", [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])),
+        Architecture("test_r18_b", "timm_classifier", "resnet18", 224, Normalization("same", (0.4, 0.4, 0.4), (0.5, 0.5, 0.5))),
+    ) as (a, b):
+        assert a.normalization.mean == (0.5, 0.5, 0.5) and hash(a.normalization)
+        with pytest.raises(ValueError, match="normalisation name 'same' stands for two statistics at 224 px"):
+            EnsemblePipeline("clash", (Member("a", a.name), Member("b", b.name)))
