@@ -8,13 +8,16 @@ STAMP := $(VENV)/.lesionserve-setup
 
 setup: $(STAMP)
 
-# Pinned versions from requirements.lock (numpy<2: Triton's python stub breaks with numpy 2).
+# Pinned versions from requirements.lock (numpy<2: Triton's python stub breaks with numpy 2), then
+# requirements-nodeps.lock without their dependencies (see that file: one OpenCV only).
 # Re-runs only when the lock or a pyproject changes; a second `make setup` does nothing.
-$(STAMP): requirements.lock pyproject.toml client/pyproject.toml
+$(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . -e client
-	$(PY) -c "import numpy, torch, timm, onnxruntime, tritonclient.grpc, pytriton, cv2; assert numpy.__version__ < '2'"
+	$(PY) -c "import numpy, torch, timm, onnxruntime, tritonclient.grpc, pytriton, cv2, pytorch_grad_cam; assert numpy.__version__ < '2'"
+	$(PY) -c "from importlib.metadata import distributions as d; cv = sorted({x.metadata['Name'] for x in d() if x.metadata['Name'].lower().startswith('opencv')}); assert len(cv) == 1, f'exactly one OpenCV must be installed, found {cv}'"
 	touch $(STAMP)
 
 demo: setup
@@ -39,7 +42,7 @@ repository: setup
 
 # Refresh requirements.lock from the current venv (after changing a dependency on purpose).
 lock:
-	$(PY) -m pip freeze --exclude-editable > requirements.lock
+	$(PY) -m pip freeze --exclude-editable --exclude grad-cam > requirements.lock
 
 clean:
 	rm -rf runs model_repository/*/1/model.onnx model_repository/*/1/calibration.json model_repository/*/1/checkpoint.pt model_repository/*/1/model.plan model_repository/*/1/model.plan.json

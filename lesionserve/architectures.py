@@ -76,6 +76,9 @@ class Architecture:
     normalization: Normalization = IMAGENET
     num_classes: int = NUM_CLASSES
     outputs: tuple[str, ...] = ("logits",)
+    #: The module whose output the global pooling averages (dotted path in the timm model): where
+    #: Grad-CAM and Grad-CAM++ have their closed form (lesionserve.explain).
+    cam_layer: str = ""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -104,7 +107,7 @@ class Architecture:
             "name": self.name, "family": self.family, "timm_name": self.timm_name, "input_size": self.input_size,
             "normalization": {"name": self.normalization.name, "mean": list(self.normalization.mean),
                               "std": list(self.normalization.std)},
-            "num_classes": self.num_classes, "outputs": list(self.outputs),
+            "num_classes": self.num_classes, "outputs": list(self.outputs), "cam_layer": self.cam_layer,
         }
 
     @classmethod
@@ -113,7 +116,7 @@ class Architecture:
         return cls(
             data["name"], data["family"], data["timm_name"], int(data["input_size"]),
             Normalization(norm["name"], tuple(norm["mean"]), tuple(norm["std"])),  # type: ignore[arg-type]
-            int(data["num_classes"]), tuple(data["outputs"]),
+            int(data["num_classes"]), tuple(data["outputs"]), data.get("cam_layer", ""),
         )
 
 
@@ -142,9 +145,9 @@ def registered(*architectures: Architecture) -> Iterator[tuple[Architecture, ...
 
 
 for _arch in (
-    Architecture("resnet50", "timm_classifier", "resnet50", 224),
-    Architecture("densenet121", "timm_classifier", "densenet121", 224),
-    Architecture("efficientnet_b3", "timm_classifier", "efficientnet_b3", 300),
+    Architecture("resnet50", "timm_classifier", "resnet50", 224, cam_layer="layer4"),
+    Architecture("densenet121", "timm_classifier", "densenet121", 224, cam_layer="features.norm5"),
+    Architecture("efficientnet_b3", "timm_classifier", "efficientnet_b3", 300, cam_layer="bn2"),
 ):
     register_architecture(_arch)
 

@@ -1,0 +1,80 @@
+"""Class activation maps in closed form: Grad-CAM and Grad-CAM++ without autograd.
+
+The timm classifiers here end in global average pooling and one linear layer, so the gradient of
+class score ``c`` with respect to the last feature map ``A`` (K x h x w, the pooling's input) is the
+same at every pixel: ``dy_c / dA_k(i, j) = w_ck / (h w)``. With that constant gradient
+
+    Grad-CAM    = ReLU(sum_k g_ck A_k),                   g_ck = w_ck / (h w)
+    Grad-CAM++  = ReLU(sum_k a_ck A_k),  a_ck = h w ReLU(g_ck) g_ck^2 / (2 g_ck^2 + S_k g_ck^3 + eps)
+
+where ``S_k`` sums ``A_k`` over pixels (equation 19 of Chattopadhay et al. 2018, as
+pytorch-grad-cam writes it, eps included). Both are a few tensor products, so they are exported in
+the ONNX graph beside the logits (no autograd in serving) and checked against pytorch-grad-cam,
+which computes them with real gradients (tests/unit/test_explain.py).
+
+The maps are taken at the pooling's input (``Architecture.cam_layer``): the seed notebooks used
+earlier pre-activation convolutions (e.g. ResNet50 ``layer4[-1].conv3``), where the gradient is not
+constant and no closed form exists.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: The maps a graph exported with explanations carries, in the order of its ``cams`` axis 1.
+CAM_METHODS: tuple[str, ...] = ("gradcam", "gradcampp")
+#: pytorch-grad-cam's eps in Grad-CAM++'s denominator, kept so the two agree to the last bit that matters.
+GRADCAMPP_EPS = 1e-6
+#: pytorch-grad-cam's eps in its min-max scaling.
+SCALE_EPS = 1e-7
+#: Name of the exported graph's extra output: N x len(CAM_METHODS) x C x h x w float32.
+CAMS_OUTPUT = "cams"
+
+
+def cam_maps(features: Any, weight: Any) -> Any:
+    """Grad-CAM and Grad-CAM++ for every class: (N x K x h x w features, C x K classifier weight)
+    -> N x 2 x C x h x w (torch; traceable, so it exports to ONNX)."""
+    import torch
+
+    h, w = features.shape[-2], features.shape[-1]
+    g = weight / (h * w)  # C x K: the gradient of each class score at every pixel
+    gradcam = torch.relu(torch.einsum("ck,nkhw->nchw", g, features))
+    sums = features.sum(dim=(2, 3))  # N x K
+    g2 = g * g
+    alpha = g2[None] / (2 * g2[None] + sums[:, None, :] * (g2 * g)[None] + GRADCAMPP_EPS)  # N x C x K
+    alpha = torch.where(g[None] != 0, alpha, torch.zeros_like(alpha))
+    weights = (h * w) * torch.relu(g)[None] * alpha  # the pixel sum of a per-pixel constant
+    gradcampp = torch.relu(torch.einsum("nck,nkhw->nchw", weights, features))
+    return torch.stack([gradcam, gradcampp], dim=1)
+
+
+def explained(model: Any) -> Any:
+    """``model`` (a timm classifier) returning ``(logits, cams)``: the same logits, plus cam_maps of
+    its pooled features with its classifier's weight."""
+    import torch
+
+    class Explained(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = self.inner.forward_features(x)
+            logits = self.inner.forward_head(features)
+            return logits, cam_maps(features, self.inner.get_classifier().weight)
+
+    return Explained(model)
+
+
+def scale_map(cam: np.ndarray) -> np.ndarray:
+    """Min-max scaling of one map to [0, 1], as pytorch-grad-cam scales (eps keeps a flat map finite)."""
+    cam = cam - cam.min()
+    return (cam / (SCALE_EPS + cam.max())).astype(np.float32)
+
+
+def upsample_map(cam: np.ndarray, width: int, height: int) -> np.ndarray:
+    """One h x w map -> height x width, bilinear, then scaled to [0, 1]."""
+    import cv2
+
+    return scale_map(cv2.resize(scale_map(cam), (width, height), interpolation=cv2.INTER_LINEAR))

@@ -1,0 +1,97 @@
+"""Closed-form Grad-CAM and Grad-CAM++ against pytorch-grad-cam's gradients, and in the exported graph."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lesionserve.architectures import get_architecture
+from lesionserve.explain import CAM_METHODS, CAMS_OUTPUT, cam_maps, explained, scale_map, upsample_map
+from lesionserve.export.random_artifacts import spread_head
+from lesionserve.models import create_backbone, save_checkpoint
+from lesionserve.preprocessing import preprocess_rgb
+from lesionserve.synthetic import render_lesion
+
+pytest.importorskip("pytorch_grad_cam", reason="grad-cam (pytorch-grad-cam) is installed by make setup")
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+
+#: The oracle's tolerance on maps scaled to [0, 1] (issue: within 1e-3).
+MAP_ATOL = 1e-3
+SIZE = 96  # small inputs: the closed form does not depend on the size, and CPU time does
+
+
+def _module(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    for part in dotted.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+@pytest.fixture(scope="module", params=["resnet50", "densenet121", "efficientnet_b3"])
+def backbone(request):
+    torch.manual_seed(0)
+    model = create_backbone(request.param)
+    spread_head(model, SIZE)  # probabilities far from uniform, as trained models give
+    return request.param, model.eval()
+
+
+def _images(sizes=((600, 450), (320, 240))) -> np.ndarray:
+    rng = np.random.default_rng(5)
+    return np.stack([preprocess_rgb(render_lesion(label, rng, size), SIZE)
+                     for label, size in zip(("MEL", "NV"), sizes)])
+
+
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_closed_form_equals_pytorch_grad_cam_within_1e3_for_each_class(backbone, method):
+    name, model = backbone
+    x = torch.from_numpy(_images())
+    layer = _module(model, get_architecture(name).cam_layer)
+    library = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus}[method]
+    with torch.no_grad():
+        _, cams = explained(model)(x)
+    worst = 0.0
+    with library(model=model, target_layers=[layer]) as cam:
+        for c in (0, 1, 6):
+            want = cam(input_tensor=x, targets=[ClassifierOutputTarget(c)] * len(x))
+            for i in range(len(x)):
+                got = upsample_map(cams[i, CAM_METHODS.index(method), c].numpy(), SIZE, SIZE)
+                worst = max(worst, float(np.abs(got - want[i]).max()))
+    print(f"{name} {method}: max |closed form - pytorch-grad-cam| = {worst:.2e}")
+    assert worst <= MAP_ATOL
+
+
+def test_explained_model_keeps_the_logits_bit_for_bit(backbone):
+    _, model = backbone
+    x = torch.from_numpy(_images())
+    with torch.no_grad():
+        logits, cams = explained(model)(x)
+        assert torch.equal(logits, model(x))
+    assert cams.shape[:3] == (2, len(CAM_METHODS), 7) and bool((cams >= 0).all())
+
+
+def test_grad_cam_is_the_classifier_weighted_feature_map():
+    features = torch.rand(1, 3, 2, 2)
+    weight = torch.tensor([[1.0, -2.0, 0.5]])
+    expected = torch.relu((weight[0, :, None, None] * features[0]).sum(0)) / 4
+    torch.testing.assert_close(cam_maps(features, weight)[0, 0, 0], expected)
+
+
+def test_scale_map_is_finite_on_a_flat_map():
+    assert scale_map(np.zeros((3, 3), np.float32)).max() == 0.0
+
+
+def test_export_with_explain_checks_the_maps_and_keeps_logits_first(tmp_path):
+    import onnx
+
+    from lesionserve.export.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = create_backbone("resnet50")
+    save_checkpoint(tmp_path / "c.pt", "resnet50", model, {"config": {"input_size": 64}})
+    report = export_onnx(tmp_path / "c.pt", tmp_path / "m.onnx", explain=True)
+    outputs = [o.name for o in onnx.load(str(tmp_path / "m.onnx")).graph.output]
+    assert outputs == ["logits", CAMS_OUTPUT]
+    assert report.cams_max_rel_diff is not None and report.cams_max_rel_diff <= 1e-4
+    plain = export_onnx(tmp_path / "c.pt", tmp_path / "plain.onnx")
+    assert plain.cams_max_rel_diff is None
+    assert [o.name for o in onnx.load(str(tmp_path / "plain.onnx")).graph.output] == ["logits"]
