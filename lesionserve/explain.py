@@ -78,3 +78,34 @@ def upsample_map(cam: np.ndarray, width: int, height: int) -> np.ndarray:
     import cv2
 
     return scale_map(cv2.resize(scale_map(cam), (width, height), interpolation=cv2.INTER_LINEAR))
+
+
+def view_maps(cams: np.ndarray, classes: np.ndarray, views: int, size: int) -> np.ndarray:
+    """One member's raw maps of one method (N*T x C x h x w) -> (N*T) x size x size, each the map of
+    its image's class (``classes``: N indices), upsampled to the member's input and scaled, as
+    pytorch-grad-cam returns a map for an input of that size."""
+    rows = np.repeat(np.asarray(classes), views)
+    return np.stack([upsample_map(cams[i, c], size, size) for i, c in enumerate(rows)])
+
+
+def fuse_view_maps(per_member: list[np.ndarray], weights: np.ndarray, views: int,
+                   image_sizes: list[tuple[int, int]]) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    """Fuse maps as probabilities are fused: per member, each view's map (N*T x S x S, view geometry)
+    is turned back into image geometry and averaged over the T views; each member's map is resized
+    to its image's (width, height), and the members are summed with the fusion ``weights``; every
+    map is then scaled to [0, 1]. Returns (fused maps, per image; member maps, per image and member)."""
+    import cv2
+
+    from lesionserve.views import invert_views
+
+    members = []
+    for maps in per_member:
+        upright = invert_views(maps[:, None], views)[:, 0]  # N*T x S x S
+        members.append(upright.reshape(-1, views, *upright.shape[1:]).mean(axis=1))  # N x S x S
+    fused, by_member = [], []
+    for n, (width, height) in enumerate(image_sizes):
+        resized = [scale_map(cv2.resize(m[n].astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR))
+                   for m in members]
+        by_member.append(resized)
+        fused.append(scale_map(sum(w * r for w, r in zip(np.asarray(weights, np.float64), resized))))
+    return fused, by_member

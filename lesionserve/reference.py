@@ -107,3 +107,77 @@ class ReferencePipeline:
         probs, backbone_probs = fuse(logits, self.weights, self.views)
         labels, fired = self.calibration.decide(probs, self.pipeline.class_names)
         return PipelineOutput(probs, backbone_probs, [self.pipeline.class_names[i] for i in labels], fired)
+
+
+@dataclass
+class Explanation:
+    """Heatmaps of one method for a batch: per image the fused map (its height x width, in [0, 1])
+    and each member's, and the class each image's maps explain."""
+
+    method: str
+    classes: list[str]
+    maps: list[np.ndarray]
+    member_maps: list[dict[str, np.ndarray]]
+
+
+def explanation_classes(names: Sequence[str | None], labels: Sequence[str], class_names: Sequence[str]) -> list[int]:
+    """Class index per image: the named class, or the predicted label where None; an unknown name
+    is refused naming the classes there are."""
+    unknown = sorted({n for n in names if n is not None and n not in class_names})
+    if unknown:
+        raise ValueError(f"cannot explain unknown class {', '.join(map(repr, unknown))}; classes: {', '.join(class_names)}")
+    return [list(class_names).index(n if n is not None else label) for n, label in zip(names, labels)]
+
+
+def _explain_member(pipeline: "ReferencePipeline", name: str, views: np.ndarray, classes: list[int],
+                    method: str, oracle: bool) -> np.ndarray:
+    """One member's per-view maps (N*T x S x S): the closed form (as exported) or pytorch-grad-cam."""
+    from lesionserve.explain import CAM_METHODS, explained, view_maps
+
+    model, size, t = pipeline.models[name], pipeline.input_sizes[name], pipeline.views
+    if not oracle:
+        with torch.inference_mode():
+            cams = torch.cat([explained(model)(torch.from_numpy(views[i:i + pipeline.batch_size]))[1]
+                              for i in range(0, len(views), pipeline.batch_size)])
+        return view_maps(cams[:, CAM_METHODS.index(method)].numpy(), np.asarray(classes), t, size)
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus  # the oracle: real gradients
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layer = model
+    for part in pipeline.pipeline.member(name).arch.cam_layer.split("."):
+        layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+    rows = np.repeat(classes, t)
+    out = []
+    with {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus}[method](model=model, target_layers=[layer]) as cam:
+        for i in range(0, len(views), pipeline.batch_size):
+            chunk = torch.from_numpy(views[i:i + pipeline.batch_size])
+            out.append(cam(input_tensor=chunk, targets=[ClassifierOutputTarget(int(c)) for c in rows[i:i + len(chunk)]]))
+    return np.concatenate(out)
+
+
+def explain(pipeline: "ReferencePipeline", images: Sequence[bytes], method: str = "gradcam",
+            classes: Sequence[str | None] | None = None, oracle: bool = False) -> tuple[PipelineOutput, Explanation]:
+    """Classify ``images`` and explain each: for its predicted label, or ``classes[i]`` where given.
+
+    ``oracle=False`` computes the maps as the exported graphs do (lesionserve.explain's closed form);
+    ``oracle=True`` with pytorch-grad-cam's gradients at each architecture's pooling input. Both
+    then go through the same fusion (explain.fuse_view_maps), so they must agree.
+    """
+    from lesionserve.explain import CAM_METHODS, fuse_view_maps
+    from lesionserve.preprocessing import decode_image
+
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown explanation method {method!r}; methods: {', '.join(CAM_METHODS)}")
+    images = list(images)
+    result = pipeline.run(images)
+    names = list(classes) if classes is not None else [None] * len(images)
+    if len(names) != len(images):
+        raise ValueError(f"{len(names)} classes for {len(images)} images")
+    index = explanation_classes(names, result.labels, pipeline.pipeline.class_names)
+    pixels = preprocess_batch(images, pipeline.preprocessings, max_pixels=pipeline.max_pixels)
+    per_member = [_explain_member(pipeline, b, make_views(pixels[pipeline.inputs[b]], pipeline.views), index, method, oracle)
+                  for b in pipeline.backbones]
+    sizes = [decode_image(data, max_pixels=pipeline.max_pixels).shape[1::-1] for data in images]
+    fused, by_member = fuse_view_maps(per_member, pipeline.weights, pipeline.views, sizes)
+    return result, Explanation(method, [pipeline.pipeline.class_names[i] for i in index], fused,
+                               [dict(zip(pipeline.backbones, maps)) for maps in by_member])

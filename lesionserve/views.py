@@ -38,3 +38,16 @@ def make_views(batch: Any, views: int) -> Any:
     xp = array_ops(batch)
     stacked = xp.stack([_dihedral(batch, k) for k in range(views)], axis=1)
     return xp.contiguous(stacked.reshape(-1, *batch.shape[1:]))
+
+
+#: The view that undoes view k: flips, rot180 and both transposes undo themselves; the two rot90s swap.
+INVERSE_VIEW: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 5, 7)
+
+
+def invert_views(views_batch: Any, views: int) -> Any:
+    """(N*views) x ... x H x W maps in view geometry -> the same rows back in image geometry
+    (row n*views + k undone by view k's inverse): what make_views did, undone."""
+    check_views(views)
+    xp = array_ops(views_batch)
+    rows = [_dihedral(views_batch[i], INVERSE_VIEW[i % views]) for i in range(views_batch.shape[0])]
+    return xp.contiguous(xp.stack(rows, axis=0))

@@ -95,3 +95,46 @@ def test_export_with_explain_checks_the_maps_and_keeps_logits_first(tmp_path):
     plain = export_onnx(tmp_path / "c.pt", tmp_path / "plain.onnx")
     assert plain.cams_max_rel_diff is None
     assert [o.name for o in onnx.load(str(tmp_path / "plain.onnx")).graph.output] == ["logits"]
+
+
+@pytest.fixture(scope="module")
+def small_ensemble(tmp_path_factory):
+    from lesionserve.export.random_artifacts import build_random_artifacts
+    from lesionserve.calibration import Calibration
+
+    calibration = Calibration(weights={"resnet50": 0.5, "densenet121": 0.3, "efficientnet_b3": 0.2})
+    return build_random_artifacts(tmp_path_factory.mktemp("cam64"), calibration, input_size=64)
+
+
+@pytest.mark.parametrize("views", [1, 8])
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_fused_and_member_maps_equal_pytorch_grad_cam_within_1e3_at_t1_and_t8(small_ensemble, views, method):
+    import cv2
+
+    from lesionserve.reference import ReferencePipeline, explain
+
+    rng = np.random.default_rng(9)
+    sizes = [(600, 450), (257, 311), (128, 128)]  # widths x heights: landscape, odd portrait, square
+    blobs = [cv2.imencode(".png", cv2.cvtColor(render_lesion(c, rng, s), cv2.COLOR_RGB2BGR))[1].tobytes()
+             for c, s in zip(("MEL", "BCC", "NV"), sizes)]
+    reference = ReferencePipeline.from_artifacts(small_ensemble, views=views)
+    _, served = explain(reference, blobs, method, classes=[None, "VASC", None])
+    _, oracle = explain(reference, blobs, method, classes=[None, "VASC", None], oracle=True)
+    assert served.classes[1] == "VASC" and [m.shape for m in served.maps] == [(h, w) for w, h in sizes]
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(served.maps, oracle.maps))
+    for a, b in zip(served.member_maps, oracle.member_maps):
+        worst = max(worst, *(float(np.abs(a[k] - b[k]).max()) for k in a))
+    print(f"T={views} {method}: max |closed form - pytorch-grad-cam| over fused and member maps = {worst:.2e}")
+    assert worst <= MAP_ATOL
+    assert all(0.0 <= float(m.min()) and float(m.max()) <= 1.0 for m in served.maps)
+
+
+def test_explaining_an_unknown_class_names_the_classes(small_ensemble):
+    from lesionserve.reference import ReferencePipeline, explain
+
+    rng = np.random.default_rng(1)
+    import cv2
+
+    blob = cv2.imencode(".png", render_lesion("MEL", rng, (100, 80)))[1].tobytes()
+    with pytest.raises(ValueError, match=r"cannot explain unknown class 'melanoma'; classes: MEL, NV, BCC"):
+        explain(ReferencePipeline.from_artifacts(small_ensemble, views=1), [blob], classes=["melanoma"])
