@@ -109,3 +109,22 @@ def fuse_view_maps(per_member: list[np.ndarray], weights: np.ndarray, views: int
         by_member.append(resized)
         fused.append(scale_map(sum(w * r for w, r in zip(np.asarray(weights, np.float64), resized))))
     return fused, by_member
+
+
+def overlay(rgb: np.ndarray, heatmap: np.ndarray, label: str, confidence: float, alpha: float = 0.45) -> np.ndarray:
+    """The image (H x W x 3 uint8 RGB) under its heatmap (H x W in [0, 1], JET colours: red is where
+    the class's evidence is strongest), with the label and confidence written in the top-left corner."""
+    import cv2
+
+    if heatmap.shape != rgb.shape[:2]:
+        raise ValueError(f"heatmap is {heatmap.shape[1]}x{heatmap.shape[0]}, the image {rgb.shape[1]}x{rgb.shape[0]}")
+    colours = cv2.cvtColor(cv2.applyColorMap(np.uint8(np.clip(heatmap, 0, 1) * 255), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    out = cv2.addWeighted(rgb, 1.0 - alpha, colours, alpha, 0.0)
+    text = f"{label} {confidence:.2f}"
+    scale = max(0.4, min(out.shape[:2]) / 500)
+    thickness = max(1, round(scale * 2))
+    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    pad = max(2, round(4 * scale))
+    cv2.rectangle(out, (0, 0), (w + 2 * pad, h + base + 2 * pad), (0, 0, 0), -1)
+    cv2.putText(out, text, (pad, h + pad), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return out

@@ -138,3 +138,41 @@ def test_explaining_an_unknown_class_names_the_classes(small_ensemble):
     blob = cv2.imencode(".png", render_lesion("MEL", rng, (100, 80)))[1].tobytes()
     with pytest.raises(ValueError, match=r"cannot explain unknown class 'melanoma'; classes: MEL, NV, BCC"):
         explain(ReferencePipeline.from_artifacts(small_ensemble, views=1), [blob], classes=["melanoma"])
+
+
+def test_overlay_keeps_the_image_size_colours_the_hot_region_and_labels_the_corner():
+    from lesionserve.explain import overlay
+
+    rgb = np.full((120, 160, 3), 128, np.uint8)
+    heat = np.zeros((120, 160), np.float32)
+    heat[60:, 80:] = 1.0
+    out = overlay(rgb, heat, "MEL", 0.87)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    assert out[100, 140, 0] > out[100, 140, 2]  # hot: red over blue
+    assert tuple(out[1, 1]) == (0, 0, 0) and out[:20, :60].max() > 200  # black box, white (anti-aliased) text
+    assert tuple(out[100, 20]) == (70, 70, 128)  # cold: grey 128 blended with JET's darkest blue (0, 0, 128)
+    with pytest.raises(ValueError, match="heatmap is 10x10, the image 160x120"):
+        overlay(rgb, np.zeros((10, 10), np.float32), "MEL", 0.5)
+
+
+def test_explain_command_writes_overlays_and_a_grid_for_the_ensemble_and_for_one_checkpoint(small_ensemble, tmp_path, capsys):
+    import cv2
+
+    from lesionserve.cli import main
+
+    rng = np.random.default_rng(2)
+    paths = []
+    for i, size in enumerate([(200, 150), (90, 120)]):
+        path = tmp_path / f"lesion{i}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(render_lesion("MEL", rng, size), cv2.COLOR_RGB2BGR))
+        paths.append(str(path))
+    assert main(["explain", "--artifacts", str(small_ensemble), "--views", "2", *paths, "--out", str(tmp_path / "e")]) == 0
+    for i, (w, h) in enumerate([(200, 150), (90, 120)]):
+        for method in CAM_METHODS:
+            assert cv2.imread(str(tmp_path / "e" / f"lesion{i}_{method}.png")).shape == (h, w, 3)
+    assert cv2.imread(str(tmp_path / "e" / "grid.png")) is not None
+    assert main(["explain", "--checkpoint", str(small_ensemble / "densenet121" / "checkpoint.pt"), paths[0],
+                 "--class", "NV", "--oracle", "--out", str(tmp_path / "one")]) == 0
+    assert (tmp_path / "one" / "lesion0_gradcampp.png").is_file()
+    assert main(["explain", "--artifacts", str(small_ensemble), paths[0], "--class", "mole", "--out", str(tmp_path / "x")]) == 2
+    assert "cannot explain unknown class 'mole'" in capsys.readouterr().err
