@@ -29,6 +29,15 @@ def make_session(path: str | Path, threads: int = 0, spinning: bool = True) -> o
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def run_outputs_in_chunks(session: ort.InferenceSession, x: np.ndarray, chunk: int, names: list[str]) -> list[np.ndarray]:
+    """The session's outputs ``names`` over ``x``, ``chunk`` rows per run (ORT computes only what they need)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    name_in = session.get_inputs()[0].name
+    parts = [session.run(names, {name_in: x[i : i + chunk]}) for i in range(0, len(x), chunk)]
+    return [p[0] if len(parts) == 1 else np.concatenate(p) for p in zip(*parts)]
+
+
 def run_in_chunks(session: ort.InferenceSession, x: np.ndarray, chunk: int) -> np.ndarray:
     """The session's first output over ``x``, ``chunk`` rows per run.
 

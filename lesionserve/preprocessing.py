@@ -227,6 +227,9 @@ class PreprocessedBatch(NamedTuple):
 
     pixels: dict[Any, Any]  # keyed by size (resize_batch_rows) or by input (preprocess_batch_rows)
     errors: list[str]
+    #: (width, height) of each decoded image, (0, 0) where it could not be decoded: what a heatmap
+    #: is resized back to.
+    image_sizes: list[tuple[int, int]] = []
 
     @property
     def failed(self) -> list[int]:
@@ -248,7 +251,9 @@ def _decode_resize(
         rgb = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
     except ImageDecodeError as exc:
         return str(exc)
-    return {size: resize(rgb, size) for size in sizes}
+    resized: dict[Any, Any] = {size: resize(rgb, size) for size in sizes}
+    resized["image_size"] = (int(rgb.shape[1]), int(rgb.shape[0]))
+    return resized
 
 
 def resize_batch_rows(
@@ -276,7 +281,8 @@ def resize_batch_rows(
             if not isinstance(p, str):
                 batch[row] = p[size]
         pixels[size] = batch
-    return PreprocessedBatch(pixels, errors)
+    image_sizes = [(0, 0) if isinstance(p, str) else p["image_size"] for p in per_image]
+    return PreprocessedBatch(pixels, errors, image_sizes)
 
 
 def resize_batch(
@@ -357,7 +363,7 @@ def preprocess_batch_rows(
     if failed:
         for batch in pixels.values():
             batch[failed] = 0  # numpy and torch alike: the rows listed
-    return PreprocessedBatch(pixels, resized.errors)
+    return PreprocessedBatch(pixels, resized.errors, resized.image_sizes)
 
 
 # -- the per-row ``error`` tensor (preprocess output, threshold input, ensemble output) ------------

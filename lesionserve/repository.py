@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from lesionserve import PROJECT_ROOT
+from lesionserve.explain import CAM_METHODS, CAMS_OUTPUT
 from lesionserve.pipelines import PIPELINES, EnsemblePipeline, Member
 from lesionserve.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, GPU_VARIANTS, TENSORRT_OPT_BATCH, check_views
@@ -95,13 +96,15 @@ def preprocess_config(p: EnsemblePipeline, variant: str | None) -> str:
     header, gpu = _gpu_step(variant, "decode and resize on the CPU (OpenCV), normalise on the GPU; outputs stay on the GPU.")
     outputs = [_tensor(f"pixel_values_{pre.key}", "TYPE_FP32", (3, pre.size, pre.size)) for pre in p.preprocessings]
     outputs.append(_tensor("error", "TYPE_STRING", (1,)))
+    outputs.append(_tensor("image_size", "TYPE_INT32", (2,)))
     norms = "".join(_param(f"normalize_pixel_values_{pre.key}", pre.normalization.to_parameter()) for pre in p.preprocessings)
     return (
         f"{header}"
         f"# Encoded image bytes (one per batch row) -> normalised pixels for each distinct member input\n"
         f"# (pixel_values_<size>_<normalisation>), decoded once and resized once per size; see\n"
         f"# lesionserve/preprocessing.py. error: empty for a decoded row, else why the image could not be read\n"
-        f"# (that row's pixels are zeros and the pipeline reports the error in its place).\n"
+        f"# (that row's pixels are zeros and the pipeline reports the error in its place). image_size: the\n"
+        f"# decoded width and height (0, 0 for such a row), which heatmaps are resized back to.\n"
         + _head(p.step("preprocess"), "python", p.max_batch_size)
         + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,))])
         + _tensors("output", outputs)
@@ -175,7 +178,10 @@ def _backbone_io(p: EnsemblePipeline, m: Member) -> str:
         "a request's whole fan-out fits one batch.\n"
         f"max_batch_size: {p.member_max_batch}\n"
         + _tensors("input", [_tensor(BACKBONE_INPUT, "TYPE_FP32", (3, size, size))])
-        + _tensors("output", [_tensor(BACKBONE_OUTPUT, "TYPE_FP32", (m.arch.num_classes,))])
+        + "# cams: Grad-CAM and Grad-CAM++ per class at the pooled feature map (lesionserve/explain.py),\n"
+        "# computed only when a request asks for them (the explain ensemble does; classification does not).\n"
+        + _tensors("output", [_tensor(BACKBONE_OUTPUT, "TYPE_FP32", (m.arch.num_classes,)),
+                              _tensor(CAMS_OUTPUT, "TYPE_FP32", (len(CAM_METHODS), m.arch.num_classes, -1, -1))])
     )
 
 
@@ -254,6 +260,31 @@ def member_config(p: EnsemblePipeline, m: Member, variant: str | None) -> str:
     raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(GPU_VARIANTS)} (or None for CPU)")
 
 
+def explain_config(p: EnsemblePipeline, variant: str | None) -> str:
+    header, gpu = _gpu_step(variant, "the maps arrive from the members; fusion and resizing run on the host (OpenCV).")
+    c = len(p.class_names)
+    ins = [_tensor(f"cams_{m.name}", "TYPE_FP32", (-1, len(CAM_METHODS), c, -1, -1)) for m in p.members]
+    ins += [_tensor("num_views", "TYPE_INT32", (1,)), _tensor("label", "TYPE_STRING", (-1, 1)),
+            _tensor("error", "TYPE_STRING", (-1, 1)), _tensor("image_size", "TYPE_INT32", (-1, 2)),
+            _tensor("explain_class", "TYPE_STRING", (-1, 1)), _tensor("explain_method", "TYPE_STRING", (-1, 1))]
+    return (
+        f"{header}"
+        "# Member maps of N*T views -> one heatmap per image at its own size, in [0, 1]: each view's map for\n"
+        "# the image's class (explain_class, or the label where empty) upsampled and scaled, its view undone,\n"
+        "# averaged over the T views, resized to image_size, summed over members with the fusion weights\n"
+        "# (1/calibration.json) and scaled; see lesionserve/explain.py. Heatmaps of one request share a size:\n"
+        "# the SDK sends one image per explanation request.\n"
+        + _head(p.step("explain"), "python", 0)
+        + _tensors("input", ins)
+        + _tensors("output", [_tensor("heatmap", "TYPE_FP32", (-1, -1, -1))])
+        + "# The class axis, the members' input sides (in input order) and the methods of the cams axis 1.\n"
+        + _param("class_names", ",".join(p.class_names))
+        + _param("member_sizes", ",".join(f"{m.name}={m.preprocessing.size}" for m in p.members))
+        + _param("methods", ",".join(CAM_METHODS))
+        + gpu + _instances(variant)
+    )
+
+
 def _map(kind: str, pairs: Iterable[tuple[str, str]]) -> str:
     return "".join(f'      {kind} {{ key: "{k}" value: "{v}" }}\n' for k, v in pairs)
 
@@ -263,33 +294,52 @@ def _step(model: str, inputs: Iterable[tuple[str, str]], outputs: Iterable[tuple
             + _map("input_map", inputs) + _map("output_map", outputs) + "    }")
 
 
-def ensemble_config(p: EnsemblePipeline) -> str:
-    """The model clients call; it has no variants (its steps do)."""
+def ensemble_config(p: EnsemblePipeline, explain: bool = False) -> str:
+    """The model clients call (``explain``: its twin that also answers with heatmaps); ensembles have
+    no variants (their steps do)."""
     c, b = len(p.class_names), len(p.members)
     keys = [f"pixel_values_{pre.key}" for pre in p.preprocessings]
     views = [f"views_{pre.key}" for pre in p.preprocessings]
     logits = [f"logits_{m.name}" for m in p.members]
+    sized = [("image_size", "image_size")] if explain else []
+    maps = lambda m: [(CAMS_OUTPUT, f"cams_{m.name}")] if explain else []  # noqa: E731
     steps = [
-        _step(p.step("preprocess"), [("raw_image", "raw_image")], [(k, k) for k in keys] + [("error", "error")]),
+        _step(p.step("preprocess"), [("raw_image", "raw_image")], [(k, k) for k in keys] + [("error", "error")] + sized),
         _step(p.step("tta"), [(k, k) for k in keys], [(v, v) for v in views] + [("num_views", "num_views")]),
-        *(_step(m.name, [(BACKBONE_INPUT, m.views_tensor)], [(BACKBONE_OUTPUT, f"logits_{m.name}")]) for m in p.members),
+        *(_step(m.name, [(BACKBONE_INPUT, m.views_tensor)], [(BACKBONE_OUTPUT, f"logits_{m.name}"), *maps(m)])
+          for m in p.members),
         _step(p.step("fusion"), [(x, x) for x in logits] + [("num_views", "num_views")],
               [("probs", "probs"), ("backbone_probs", "backbone_probs")]),
         _step(p.step("threshold"), [("probs", "probs"), ("error", "error")],
               [("label", "label"), ("thresholds_fired", "thresholds_fired")]),
     ]
+    if explain:
+        steps.append(_step(
+            p.step("explain"),
+            [(f"cams_{m.name}", f"cams_{m.name}") for m in p.members]
+            + [(x, x) for x in ("num_views", "label", "error", "image_size", "explain_class", "explain_method")],
+            [("heatmap", "heatmap")],
+        ))
     outputs = [
         _tensor("probs", "TYPE_FP32", (c,)), _tensor("label", "TYPE_STRING", (1,)),
         _tensor("backbone_probs", "TYPE_FP32", (b, c)), _tensor("thresholds_fired", "TYPE_BOOL", (c,)),
         _tensor("error", "TYPE_STRING", (1,)),
     ]
+    inputs = [_tensor("raw_image", "TYPE_STRING", (1,))]
+    about = ""
+    if explain:
+        outputs.append(_tensor("heatmap", "TYPE_FP32", (-1, -1)))
+        inputs += [_tensor("explain_class", "TYPE_STRING", (1,)), _tensor("explain_method", "TYPE_STRING", (1,))]
+        about = (f"# {p.name}, with explanations: per image also a heatmap (height x width of the image, in [0, 1])\n"
+                 f"# for explain_class (empty: the predicted label) by explain_method ({', '.join(CAM_METHODS)}).\n")
     return (
         f"# Pipeline {p.name}: {p.description or 'an ensemble of ' + ', '.join(p.member_names)}.\n"
+        + about +
         "# The model clients call: encoded images in; fused probabilities, label, per-member probabilities\n"
         "# and fired thresholds out, one row per image. error: empty, or why that row's image could not be\n"
         "# read (its other outputs then carry no prediction); the other rows are unaffected.\n"
-        f'name: "{p.name}"\nplatform: "ensemble"\nmax_batch_size: {p.max_batch_size}\n'
-        + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,))])
+        f'name: "{p.explain_name if explain else p.name}"\nplatform: "ensemble"\nmax_batch_size: {p.max_batch_size}\n'
+        + _tensors("input", inputs)
         + _tensors("output", outputs)
         + "# Read by the client SDK: the order of the class and member axes, and the TTA view count.\n"
         + _param("class_names", ",".join(p.class_names)) + _param("backbones", ",".join(p.member_names))
@@ -309,6 +359,7 @@ STEP_CODE = {
     "tta": (tta_config, "tta", "pixels -> N*T dihedral views"),
     "fusion": (fusion_config, "fusion", "member logits -> fused class probabilities"),
     "threshold": (threshold_config, "threshold", "fused probabilities -> calibrated label"),
+    "explain": (explain_config, "explain", "member maps -> one fused heatmap per image"),
 }
 
 
@@ -330,8 +381,10 @@ def render_pipeline(p: EnsemblePipeline) -> dict[str, str]:
         files[f"{m.name}/1/model.py"] = model_py(
             "backbone", f"member {m.name} ({m.arch.timm_name}); ONNX Runtime on model.onnx in the CPU variant, PyTorch FP16 "
             "on checkpoint.pt in gpu_torch (the config's runtime parameter chooses; gpu and gpu_ort do not use this file)")
-    add(p.name, None, ensemble_config(p))
-    files[f"{p.name}/1/.gitkeep"] = ""  # Triton needs the version folder; git keeps no empty folder
+    for explain in (False, True):
+        name = p.explain_name if explain else p.name
+        add(name, None, ensemble_config(p, explain))
+        files[f"{name}/1/.gitkeep"] = ""  # Triton needs the version folder; git keeps no empty folder
     return files
 
 

@@ -1,6 +1,7 @@
 """LesionClient: classify skin-lesion images against the LesionServe Triton ensemble over gRPC."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -20,9 +21,11 @@ from tritonclient.utils import InferenceServerException
 
 from .config import ModelInfo, parse_model_config
 from .encoding import ImageInput, to_image_bytes
-from .errors import ImageError, InvalidImageError, ServerUnavailableError, UndecodableImageError, map_server_error
+from .errors import ImageError, InvalidImageError, ServerError, ServerUnavailableError, UndecodableImageError, map_server_error
 from .results import OUTPUT_NAMES, LesionResult, parse_response
 
+#: Explanation methods the ``<model>_explain`` ensemble serves (lesionserve.explain.CAM_METHODS).
+EXPLAIN_METHODS: tuple[str, ...] = ("gradcam", "gradcampp")
 DEFAULT_URL = "localhost:8001"
 DEFAULT_MODEL = "lesion_ensemble"
 INPUT_NAME = "raw_image"
@@ -196,15 +199,18 @@ class LesionClient:
     # -- inference -------------------------------------------------------------------------
 
     @overload
-    def classify(self, images: Sequence[ImageInput], partial: Literal[False] = False) -> list[LesionResult]: ...
+    def classify(self, images: Sequence[ImageInput], partial: Literal[False] = False, *, explain: bool = False,
+                 explain_class: Optional[str] = None, explain_method: str = "gradcam") -> list[LesionResult]: ...
 
     @overload
     def classify(
-        self, images: Sequence[ImageInput], partial: Literal[True]
+        self, images: Sequence[ImageInput], partial: Literal[True], *, explain: bool = False,
+        explain_class: Optional[str] = None, explain_method: str = "gradcam",
     ) -> list[Union[LesionResult, ImageError]]: ...
 
     def classify(
-        self, images: Sequence[ImageInput], partial: bool = False
+        self, images: Sequence[ImageInput], partial: bool = False, *, explain: bool = False,
+        explain_class: Optional[str] = None, explain_method: str = "gradcam",
     ) -> Union[list[LesionResult], list[Union[LesionResult, ImageError]]]:
         """Classify ``images`` and return one LesionResult per image, in input order.
 
@@ -218,7 +224,15 @@ class LesionClient:
         ``max_images_per_request`` images): the server reports each image's decode error in its
         response, so bad images cost no extra round trip. Errors that are not about one image
         (server unavailable, timeout, other server errors) are raised in both modes.
+
+        ``explain=True``: each result also carries ``heatmap`` (the image's height x width, in
+        [0, 1]) for ``explain_class`` (default: its predicted label) by ``explain_method``
+        (``gradcam`` or ``gradcampp``), from the ``<model>_explain`` ensemble; ``result.overlay(image)``
+        draws it. Heatmaps keep each image's own size, so every image is its own request (sent
+        concurrently, ``max_workers`` at a time).
         """
+        if explain_method not in EXPLAIN_METHODS:
+            raise ValueError(f"explain_method must be one of {', '.join(EXPLAIN_METHODS)}, got {explain_method!r}")
         if isinstance(images, (str, bytes, bytearray, os.PathLike)) or (
             isinstance(images, np.ndarray) and images.ndim == 3
         ):
@@ -237,20 +251,24 @@ class LesionClient:
                 out[index] = exc
         if items:
             info = self.model_info
-            size = self._request_size(info, len(items))
+            if explain_class is not None and explain_class not in info.class_names:
+                raise ValueError(f"cannot explain unknown class {explain_class!r}; classes: {', '.join(info.class_names)}")
+            wanted = (explain_class or "", explain_method) if explain else None
+            size = 1 if explain else self._request_size(info, len(items))
             chunks = [items[i : i + size] for i in range(0, len(items), size)]
-            for chunk, rows in zip(chunks, self._infer_chunks(info, chunks, partial)):
+            for chunk, rows in zip(chunks, self._infer_chunks(info, chunks, partial, wanted)):
                 for (index, _), row in zip(chunk, rows):
                     out[index] = row
         return out  # type: ignore[return-value]  # every slot is filled above
 
     def _infer_chunks(
-        self, info: ModelInfo, chunks: list[list[tuple[int, bytes]]], partial: bool
+        self, info: ModelInfo, chunks: list[list[tuple[int, bytes]]], partial: bool,
+        explain: Optional[tuple[str, str]] = None,
     ) -> list[list[Union[LesionResult, UndecodableImageError]]]:
         """One request per chunk, concurrently when there are several; answers in chunk order."""
         if len(chunks) == 1:
-            return [self._infer(info, chunks[0], partial)]
-        futures = [self._pool().submit(self._infer, info, chunk, partial) for chunk in chunks]
+            return [self._infer(info, chunks[0], partial, explain)]
+        futures = [self._pool().submit(self._infer, info, chunk, partial, explain) for chunk in chunks]
         try:
             # Collect in submission order: results stay in input order, and on failure the
             # error of the earliest failing request (lowest image index) is the one raised.
@@ -278,7 +296,8 @@ class LesionClient:
             return self._executor
 
     def _infer(
-        self, info: ModelInfo, items: list[tuple[int, bytes]], partial: bool
+        self, info: ModelInfo, items: list[tuple[int, bytes]], partial: bool,
+        explain: Optional[tuple[str, str]] = None,
     ) -> list[Union[LesionResult, UndecodableImageError]]:
         """Send ``items`` ((index in the caller's list, bytes) pairs) as one request.
 
@@ -289,13 +308,24 @@ class LesionClient:
         tensor = InferInput(INPUT_NAME, [len(items), 1], "BYTES")
         # np.object_, not np.bytes_: numpy's fixed-width bytes drop trailing NUL bytes.
         tensor.set_data_from_numpy(np.array([[blob] for _, blob in items], dtype=np.object_))
+        inputs, outputs, model = [tensor], list(OUTPUT_NAMES), self.model_name
+        if explain is not None:  # the twin ensemble: same outputs plus the heatmap
+            model, outputs = f"{self.model_name}_explain", outputs + ["heatmap"]
+            for name, value in zip(("explain_class", "explain_method"), explain):
+                extra = InferInput(name, [len(items), 1], "BYTES")
+                extra.set_data_from_numpy(np.array([[value.encode()]] * len(items), dtype=np.object_))
+                inputs.append(extra)
         response = self._call(
-            self._client.infer,
-            self.model_name,
-            inputs=[tensor],
-            outputs=[InferRequestedOutput(name) for name in OUTPUT_NAMES],
+            self._client.infer, model, inputs=inputs, outputs=[InferRequestedOutput(name) for name in outputs],
         )
         rows = parse_response(response, info, [index for index, _ in items])
+        if explain is not None:
+            heatmaps = response.as_numpy("heatmap")
+            if heatmaps is None or heatmaps.ndim != 3 or len(heatmaps) != len(items):
+                raise ServerError(f"{model} returned no heatmap per image (got {None if heatmaps is None else heatmaps.shape})")
+            rows = [row if isinstance(row, UndecodableImageError) else dataclasses.replace(
+                row, heatmap=heatmaps[i], explained_class=explain[0] or row.label, explain_method=explain[1])
+                for i, row in enumerate(rows)]
         if not partial:
             for row in rows:
                 if isinstance(row, UndecodableImageError):

@@ -1,8 +1,8 @@
 """The per-image result type and its construction from an inference response."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from tritonclient.grpc import InferResult
@@ -25,6 +25,11 @@ class LesionResult:
     probabilities: dict[str, float]
     backbone_probabilities: dict[str, dict[str, float]]
     thresholds_fired: tuple[str, ...]
+    #: With ``classify(..., explain=True)``: the image's heatmap (height x width float32 in [0, 1]:
+    #: where the evidence for ``explained_class`` lies), by ``explain_method``; else None.
+    heatmap: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
+    explained_class: Optional[str] = None
+    explain_method: Optional[str] = None
 
     @property
     def confidence(self) -> float:
@@ -43,7 +48,20 @@ class LesionResult:
             "probabilities": dict(self.probabilities),
             "backbone_probabilities": {b: dict(p) for b, p in self.backbone_probabilities.items()},
             "thresholds_fired": list(self.thresholds_fired),
+            **({"explained_class": self.explained_class, "explain_method": self.explain_method,
+                "heatmap_shape": list(self.heatmap.shape)} if self.heatmap is not None else {}),
         }
+
+    def overlay(self, image: Any) -> np.ndarray:
+        """The image (a path, encoded bytes or an HxWx3 uint8 RGB array) under its heatmap, with the
+        explained class and its probability written in the top-left corner: HxWx3 uint8 RGB. Needs
+        Pillow (``pip install pillow``) and a result of ``classify(..., explain=True)``."""
+        from .overlay import draw_overlay
+
+        if self.heatmap is None:
+            raise ValueError("this result has no heatmap: classify with explain=True")
+        cls = self.explained_class or self.label
+        return draw_overlay(image, self.heatmap, f"{cls} {self.probabilities[cls]:.2f}")
 
 
 def _to_float(value: np.float32) -> float:

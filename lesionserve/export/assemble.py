@@ -40,7 +40,7 @@ class AssembleError(RuntimeError):
 def artifact_files(artifacts: Path, pipeline: EnsemblePipeline = LESION_ENSEMBLE, checkpoints: bool = False) -> dict[Path, list[str]]:
     """Source file -> destination paths (relative to the repository) for one pipeline's artifacts folder."""
     files = {artifacts / m / "model.onnx": [f"{m}/1/model.onnx"] for m in pipeline.member_names}
-    files[artifacts / "calibration.json"] = [f"{pipeline.step(r)}/1/calibration.json" for r in ("fusion", "threshold")]
+    files[artifacts / "calibration.json"] = [f"{pipeline.step(r)}/1/calibration.json" for r in ("fusion", "threshold", "explain")]
     if checkpoints:
         files.update({artifacts / m / "checkpoint.pt": [f"{m}/1/checkpoint.pt"] for m in pipeline.member_names})
     return files

@@ -1,10 +1,11 @@
 """Stage 1 of export: PyTorch checkpoint -> ONNX, checked against PyTorch on the same batch.
 
     python -m export.onnx_export --checkpoint runs/demo/resnet50/checkpoint.pt --out runs/demo/resnet50/model.onnx
-    python -m export.onnx_export ... --explain      # also output `cams`: Grad-CAM and Grad-CAM++ per class
+    python -m export.onnx_export ... --no-explain   # logits only (the explain ensemble then cannot load)
 
-With ``--explain`` the graph's second output ``cams`` (N x 2 x C x h x w: lesionserve.explain's closed
-forms at the pooling's input) is checked against PyTorch as well; ``logits`` stay the first output.
+The graph's second output ``cams`` (N x 2 x C x h x w: lesionserve.explain's closed forms of Grad-CAM
+and Grad-CAM++ at the pooling's input) is checked against PyTorch as well; ``logits`` stay the first
+output, and a request for logits alone does not compute the maps.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class OnnxExportReport:
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, atol: float = DEFAULT_ATOL, batch: int = 3,
-                explain: bool = False) -> OnnxExportReport:
+                explain: bool = True) -> OnnxExportReport:
     """Export ``checkpoint`` to ``out`` with a dynamic batch axis; fail if ORT and PyTorch disagree.
 
     ``explain``: the graph also outputs ``cams`` (lesionserve.explain), checked the same way.
@@ -135,8 +136,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt written by training.train")
     parser.add_argument("--out", required=True, help="where to write model.onnx")
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max allowed |ORT - PyTorch| on logits (default %(default)s)")
-    parser.add_argument("--explain", action="store_true",
-                        help=f"also output `{CAMS_OUTPUT}` (Grad-CAM and Grad-CAM++ per class, closed form), checked too")
+    parser.add_argument("--no-explain", dest="explain", action="store_false",
+                        help=f"omit the `{CAMS_OUTPUT}` output (Grad-CAM and Grad-CAM++ per class) the explain ensemble serves")
     return parser
 
 

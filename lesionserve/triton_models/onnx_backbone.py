@@ -8,7 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from lesionserve.core_lock import CoreLock, lock_path
-from lesionserve.onnx_session import make_session, run_in_chunks
+from lesionserve.onnx_session import make_session, run_outputs_in_chunks
 from lesionserve.triton_config import flag, parameter, parse_args_config, version_dir, weights_file
 
 
@@ -32,15 +32,23 @@ class TritonPythonModel:
         lock_name = parameter(config, "core_lock", "")
         self.lock = CoreLock(lock_path(lock_name, version_dir(args).parents[1])) if lock_name else contextlib.nullcontext()
         self.input_name = config["input"][0]["name"]
-        self.output_name = config["output"][0]["name"]
+        self.outputs = [o["name"] for o in config["output"]]
+        missing = sorted(set(self.outputs) - {o.name for o in self.session.get_outputs()})
+        if missing:
+            raise pb_utils.TritonModelException(
+                f"model {config['name']!r}: {path} has no output {', '.join(missing)} (export it with explanations: "
+                f"python -m export.onnx_export --explain)")
 
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-        batch = np.concatenate(arrays)
+        # Only what is asked for runs: classification asks for logits, the explain ensemble for cams too.
+        wanted = [[n for n in self.outputs if n in r.requested_output_names()] or self.outputs[:1] for r in requests]
+        names = [n for n in self.outputs if any(n in w for w in wanted)]
         with self.lock:
-            logits = run_in_chunks(self.session, batch, self.run_batch)
+            results = dict(zip(names, run_outputs_in_chunks(self.session, np.concatenate(arrays), self.run_batch, names)))
         splits = np.cumsum([len(a) for a in arrays])[:-1]
+        parts = {n: np.split(v, splits) for n, v in results.items()}
         return [
-            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, part)])
-            for part in np.split(logits, splits)
+            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, parts[n][i]) for n in w])
+            for i, w in enumerate(wanted)
         ]

@@ -8,6 +8,8 @@ stay on the GPU for tta (``error`` is BYTES, always on the host).
 """
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 import triton_python_backend_utils as pb_utils
 
 from lesionserve.preprocessing import DEFAULT_MAX_BYTES, ERROR_TENSOR, error_column, preprocess_batch_rows
@@ -20,6 +22,7 @@ class TritonPythonModel:
         config = parse_args_config(args)
         outputs = {o["name"]: o for o in config["output"]}
         error = outputs.pop(ERROR_TENSOR, None)
+        outputs.pop("image_size", None)  # each image's (width, height), written beside the pixels
         if error is None or error.get("data_type") != "TYPE_STRING":
             # Without it a bad image could only fail its whole request: a broken deployment.
             raise pb_utils.TritonModelException(
@@ -55,6 +58,7 @@ class TritonPythonModel:
             )
             tensors = [write(name, batch.pixels[spec]) for name, spec in self.outputs.items()]
             tensors.append(pb_utils.Tensor(ERROR_TENSOR, error_column(batch.errors)))
+            tensors.append(pb_utils.Tensor("image_size", np.asarray(batch.image_sizes, dtype=np.int32).reshape(-1, 2)))
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         synchronize(self.device)
         return responses

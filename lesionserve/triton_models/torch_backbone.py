@@ -37,6 +37,12 @@ class TritonPythonModel:
         self.output_name = config["output"][0]["name"]
 
     def execute(self, requests):
+        for r in requests:
+            if any(n != self.output_name for n in r.requested_output_names()):
+                # Not built yet: CUDA graphs of the explained model (lesionserve.explain.explained).
+                return [pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    "the torch runtime (gpu_torch) serves logits only; explanations need the CPU variant"))
+                    for _ in requests]
         # Dynamic batching hands over several requests: one forward pass, then one slice per request.
         inputs = [read(r, self.input_name, self.device or "cpu") for r in requests]
         logits = self.runner(torch.cat(inputs))

@@ -22,7 +22,7 @@ from lesionserve.triton_config import backbone_runtime, batch_buckets, device_fo
 
 BACKBONE_NAMES = LESION_ENSEMBLE.member_names
 ENSEMBLE_MAX_BATCH, BACKBONE_MAX_BATCH = LESION_ENSEMBLE.max_batch_size, LESION_ENSEMBLE.member_max_batch
-STEPS = ("preprocess", "tta", "fusion", "threshold")
+STEPS = ("preprocess", "tta", "fusion", "threshold", "explain")
 KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
 KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
 ALL_VARIANT_FILES = sorted(DEFAULT_REPOSITORY.glob("*/configs/*.pbtxt"))
@@ -71,7 +71,7 @@ def test_step_variant_equals_cpu_config_except_device_when_committed(step, varia
 def test_backbone_variant_matches_spec_and_batches_dynamically_when_committed(backbone, variant):
     cfg, size = config(backbone, variant), LESION_ENSEMBLE.input_sizes[backbone]
     assert [(i.name, list(i.dims)) for i in cfg.input] == [(BACKBONE_INPUT, [3, size, size])]
-    assert [(o.name, list(o.dims)) for o in cfg.output] == [(BACKBONE_OUTPUT, [NUM_CLASSES])]
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [(BACKBONE_OUTPUT, [NUM_CLASSES]), ("cams", [2, NUM_CLASSES, -1, -1])]
     assert cfg.max_batch_size == BACKBONE_MAX_BATCH >= ENSEMBLE_MAX_BATCH * 8
     assert cfg.HasField("dynamic_batching")
     assert list(cfg.dynamic_batching.preferred_batch_size) == list(DEFAULT_BUCKETS)

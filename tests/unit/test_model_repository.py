@@ -46,7 +46,7 @@ def test_ensemble_parameters_match_spec_when_read_by_clients():
 
 def test_preprocess_outputs_one_tensor_per_distinct_backbone_resolution():
     config = load_config("preprocess")
-    assert sorted(square_size(o.dims) for o in config.output if o.name != "error") == sorted(set(SIZES.values()))
+    assert sorted(square_size(o.dims) for o in config.output if o.name not in ("error", "image_size")) == sorted(set(SIZES.values()))
     assert config.max_batch_size == load_config("lesion_ensemble").max_batch_size
 
 
@@ -173,7 +173,7 @@ def test_assemble_serves_each_backbone_at_its_trained_size_when_sizes_differ_fro
     # One tensor per distinct size: resnet50 and efficientnet_b3 share the 64 px views.
     pre = load_config("preprocess", repo)
     assert {o.name: list(o.dims) for o in pre.output} == {
-        "pixel_values_64_imagenet": [3, 64, 64], "pixel_values_96_imagenet": [3, 96, 96], "error": [1]}
+        "pixel_values_64_imagenet": [3, 64, 64], "pixel_values_96_imagenet": [3, 96, 96], "error": [1], "image_size": [2]}
     tta = load_config("tta", repo)
     assert {i.name: list(i.dims) for i in tta.input} == {
         "pixel_values_64_imagenet": [-1, 3, 64, 64], "pixel_values_96_imagenet": [-1, 3, 96, 96]}
@@ -193,12 +193,12 @@ def test_assemble_serves_each_backbone_at_its_trained_size_when_sizes_differ_fro
         assert ort_trt.parameters["trt_profile_max_shapes"] == f"pixel_values:64x3x{size}x{size}"
     for variant in GPU_VARIANTS:  # GPU variants keep their instance kind, get the same tensors
         gpu_pre = load_config("preprocess", repo, variant)
-        assert [o.name for o in gpu_pre.output] == ["pixel_values_64_imagenet", "pixel_values_96_imagenet", "error"]
+        assert [o.name for o in gpu_pre.output] == ["pixel_values_64_imagenet", "pixel_values_96_imagenet", "error", "image_size"]
         assert gpu_pre.instance_group[0].kind == gpu_pre.instance_group[0].KIND_GPU
     assert load_config("fusion", repo) == load_config("fusion")  # nothing size-dependent: untouched
     assert (repo / "fusion" / "config.pbtxt").read_text() == (DEFAULT_REPOSITORY / "fusion" / "config.pbtxt").read_text()
     assert [o.name for o in load_config("preprocess").output] == [
-        "pixel_values_224_imagenet", "pixel_values_300_imagenet", "error"]  # committed one untouched
+        "pixel_values_224_imagenet", "pixel_values_300_imagenet", "error", "image_size"]  # committed one untouched
 
 
 def test_assemble_keeps_committed_configs_byte_identical_when_trained_at_native_sizes(tmp_path):

@@ -91,7 +91,7 @@ def test_members_with_other_normalisation_get_their_own_tensor_and_parameter():
         text = render_pipeline(p)["two_norms_preprocess/config.pbtxt"]
     assert "test_r18_incep" not in ARCHITECTURES  # registered for the block only
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
-    assert [o.name for o in config.output] == ["pixel_values_224_imagenet", "pixel_values_224_inception", "error"]
+    assert [o.name for o in config.output] == ["pixel_values_224_imagenet", "pixel_values_224_inception", "error", "image_size"]
     value = config.parameters["normalize_pixel_values_224_inception"].string_value
     assert Normalization.from_parameter("inception", value) == INCEPTION
 

@@ -1,0 +1,52 @@
+"""Heatmap overlays for a viewer: the image under a JET-coloured map, a caption in the corner.
+
+Pillow is needed here only (decoding the image and drawing the caption); the rest of the SDK works
+without it.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+
+#: Share of the heatmap's colour in each overlay pixel.
+ALPHA = 0.45
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """[0, 1] values -> RGB uint8 in the JET colour map (dark blue, cyan, yellow, dark red)."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)[..., None]
+    rgb = np.clip(1.5 - np.abs(4.0 * v - np.array([3.0, 2.0, 1.0], dtype=np.float32)), 0.0, 1.0)
+    return np.round(rgb * 255.0).astype(np.uint8)
+
+
+def _rgb(image: Any) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("overlays need Pillow: pip install pillow") from None
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an HxWx3 uint8 RGB array, got {image.dtype} {image.shape}")
+        return image
+    data = image if isinstance(image, (bytes, bytearray)) else open(os.fspath(image), "rb").read()
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def draw_overlay(image: Any, heatmap: np.ndarray, caption: str) -> np.ndarray:
+    """HxWx3 uint8 RGB: ``image`` blended with ``jet(heatmap)`` (same height and width), ``caption``
+    in white on black in the top-left corner."""
+    from PIL import Image, ImageDraw
+
+    rgb = _rgb(image)
+    if heatmap.shape != rgb.shape[:2]:
+        raise ValueError(f"heatmap is {heatmap.shape[1]}x{heatmap.shape[0]}, the image {rgb.shape[1]}x{rgb.shape[0]}")
+    blended = (rgb.astype(np.float32) * (1 - ALPHA) + jet(heatmap).astype(np.float32) * ALPHA).round().astype(np.uint8)
+    canvas = Image.fromarray(blended)
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((4, 4), caption)
+    draw.rectangle((0, 0, right + 4, bottom + 4), fill=(0, 0, 0))
+    draw.text((4, 4), caption, fill=(255, 255, 255))
+    return np.asarray(canvas)
