@@ -79,6 +79,9 @@ class Architecture:
     #: The module whose output the global pooling averages (dotted path in the timm model): where
     #: Grad-CAM and Grad-CAM++ have their closed form (lesionserve.explain).
     cam_layer: str = ""
+    #: Whether the head is global average pooling + one linear layer, where Grad-CAM and Grad-CAM++
+    #: have a closed form: then its exported graph carries ``cams`` and its pipelines can explain.
+    explainable: bool = True
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -108,6 +111,7 @@ class Architecture:
             "normalization": {"name": self.normalization.name, "mean": list(self.normalization.mean),
                               "std": list(self.normalization.std)},
             "num_classes": self.num_classes, "outputs": list(self.outputs), "cam_layer": self.cam_layer,
+            "explainable": self.explainable,
         }
 
     @classmethod
@@ -116,7 +120,7 @@ class Architecture:
         return cls(
             data["name"], data["family"], data["timm_name"], int(data["input_size"]),
             Normalization(norm["name"], tuple(norm["mean"]), tuple(norm["std"])),  # type: ignore[arg-type]
-            int(data["num_classes"]), tuple(data["outputs"]), data.get("cam_layer", ""),
+            int(data["num_classes"]), tuple(data["outputs"]), data.get("cam_layer", ""), bool(data.get("explainable", True)),
         )
 
 

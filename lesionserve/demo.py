@@ -7,7 +7,7 @@
 3. calibrate fusion weights and MEL/AKIEC thresholds on the validation split,
 4. export each backbone to ONNX (checked against PyTorch),
 5. assemble model_repository/ and start tritonserver on free loopback ports,
-6. classify held-out images through the client SDK and print the table,
+6. classify held-out images through the client SDK, print the table, and write Grad-CAM overlays,
 7. compare with the in-process reference pipeline, then shut the server down.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def run_demo(args: argparse.Namespace) -> float:
     from lesionserve.export.onnx_export import export_onnx
     from lesionserve.reference import ReferencePipeline
     from lesionserve_client import LesionClient
-    from lesionserve_client.cli import format_table
+    from lesionserve_client.cli import format_table, write_overlays
     from lesionserve.training.calibrate import calibrate
     from lesionserve.synthetic import generate_dataset
     from lesionserve.training.train import train
@@ -81,6 +81,13 @@ def run_demo(args: argparse.Namespace) -> float:
         print(format_table([f"{p.name} (true {truth[p.stem]})" for p in images], results))
         print(f"  {len(images)} images x {args.views} views in {seconds:.2f}s; "
               f"{sum(r.label == truth[p.stem] for p, r in zip(images, results))}/{len(images)} correct")
+        with LesionClient(server.grpc_url) as client:  # the same images, explained (Grad-CAM of each label)
+            start = time.perf_counter()
+            explained = client.classify([str(p) for p in images], explain=True)
+            seconds = time.perf_counter() - start
+        overlays = write_overlays([str(p) for p in images], explained, str(out / "explain"))
+        print(f"  explained in {seconds:.2f}s: {len(overlays)} Grad-CAM overlays in {out / 'explain'} "
+              f"(what they show: docs/explanations.md)")
     print("  tritonserver stopped")
 
     stage(7, "parity: the same images through the in-process PyTorch reference pipeline")

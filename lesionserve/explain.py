@@ -61,8 +61,13 @@ def explained(model: Any) -> Any:
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             features = self.inner.forward_features(x)
+            weight = self.inner.get_classifier().weight
+            if weight.shape[1] != features.shape[1]:
+                raise ValueError(f"{type(self.inner).__name__}: its classifier reads {weight.shape[1]} features, the pooled "
+                                 f"map has {features.shape[1]} channels: the head is not pooling + linear, so there is "
+                                 "no closed-form Grad-CAM (declare the architecture explainable=False)")
             logits = self.inner.forward_head(features)
-            return logits, cam_maps(features, self.inner.get_classifier().weight)
+            return logits, cam_maps(features, weight)
 
     return Explained(model)
 

@@ -30,7 +30,7 @@ from lesionserve.spec import ALLOWED_VIEWS, CLASS_NAMES, check_views
 #: views, weighted sum over members with the calibrated weights (calibration.json).
 FUSIONS: tuple[str, ...] = ("weighted_mean",)
 #: Roles of an ensemble pipeline's steps, in data order; a step's model is ``<step_prefix><role>``.
-STEP_ROLES: tuple[str, ...] = ("preprocess", "tta", "fusion", "threshold", "explain")
+STEP_ROLES: tuple[str, ...] = ("preprocess", "tta", "fusion", "threshold", "heatmap")
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,11 @@ class EnsemblePipeline:
         raise ValueError(f"pipeline {self.name!r} has no member {name!r}; members: {', '.join(self.member_names)}")
 
     @property
+    def explainable(self) -> bool:
+        """Whether every member has closed-form maps: only then is the ``<name>_explain`` ensemble served."""
+        return all(m.arch.explainable for m in self.members)
+
+    @property
     def explain_name(self) -> str:
         """The ensemble that answers with heatmaps as well (the same steps plus ``explain``)."""
         return f"{self.name}_explain"
@@ -150,8 +155,8 @@ class EnsemblePipeline:
     @property
     def model_names(self) -> tuple[str, ...]:
         """Every Triton model this pipeline serves: its steps, members and its two ensembles."""
-        steps = [self.step(r) for r in STEP_ROLES]
-        return (*steps[:2], *self.member_names, *steps[2:], self.name, self.explain_name)
+        steps = [self.step(r) for r in STEP_ROLES if r != "heatmap" or self.explainable]
+        return (*steps[:2], *self.member_names, *steps[2:], self.name, *([self.explain_name] if self.explainable else []))
 
     # -- shapes --------------------------------------------------------------------------------
 

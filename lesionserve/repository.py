@@ -180,8 +180,9 @@ def _backbone_io(p: EnsemblePipeline, m: Member) -> str:
         + _tensors("input", [_tensor(BACKBONE_INPUT, "TYPE_FP32", (3, size, size))])
         + "# cams: Grad-CAM and Grad-CAM++ per class at the pooled feature map (lesionserve/explain.py),\n"
         "# computed only when a request asks for them (the explain ensemble does; classification does not).\n"
-        + _tensors("output", [_tensor(BACKBONE_OUTPUT, "TYPE_FP32", (m.arch.num_classes,)),
-                              _tensor(CAMS_OUTPUT, "TYPE_FP32", (len(CAM_METHODS), m.arch.num_classes, -1, -1))])
+        + _tensors("output", [_tensor(BACKBONE_OUTPUT, "TYPE_FP32", (m.arch.num_classes,))]
+                   + ([_tensor(CAMS_OUTPUT, "TYPE_FP32", (len(CAM_METHODS), m.arch.num_classes, -1, -1))]
+                      if m.arch.explainable else []))
     )
 
 
@@ -274,7 +275,7 @@ def explain_config(p: EnsemblePipeline, variant: str | None) -> str:
         "# averaged over the T views, resized to image_size, summed over members with the fusion weights\n"
         "# (1/calibration.json) and scaled; see lesionserve/explain.py. Heatmaps of one request share a size:\n"
         "# the SDK sends one image per explanation request.\n"
-        + _head(p.step("explain"), "python", 0)
+        + _head(p.step("heatmap"), "python", 0)
         + _tensors("input", ins)
         + _tensors("output", [_tensor("heatmap", "TYPE_FP32", (-1, -1, -1))])
         + "# The class axis, the members' input sides (in input order) and the methods of the cams axis 1.\n"
@@ -315,7 +316,7 @@ def ensemble_config(p: EnsemblePipeline, explain: bool = False) -> str:
     ]
     if explain:
         steps.append(_step(
-            p.step("explain"),
+            p.step("heatmap"),
             [(f"cams_{m.name}", f"cams_{m.name}") for m in p.members]
             + [(x, x) for x in ("num_views", "label", "error", "image_size", "explain_class", "explain_method")],
             [("heatmap", "heatmap")],
@@ -359,7 +360,7 @@ STEP_CODE = {
     "tta": (tta_config, "tta", "pixels -> N*T dihedral views"),
     "fusion": (fusion_config, "fusion", "member logits -> fused class probabilities"),
     "threshold": (threshold_config, "threshold", "fused probabilities -> calibrated label"),
-    "explain": (explain_config, "explain", "member maps -> one fused heatmap per image"),
+    "heatmap": (explain_config, "heatmap", "member maps -> one fused heatmap per image"),
 }
 
 
@@ -371,6 +372,8 @@ def render_pipeline(p: EnsemblePipeline) -> dict[str, str]:
         files[f"{model}/config.pbtxt" if variant is None else f"{model}/configs/{variant}.pbtxt"] = text
 
     for role, (render, module, what) in STEP_CODE.items():
+        if role == "heatmap" and not p.explainable:
+            continue
         model = p.step(role)
         for variant in VARIANTS:
             add(model, variant, render(p, variant))
@@ -381,7 +384,7 @@ def render_pipeline(p: EnsemblePipeline) -> dict[str, str]:
         files[f"{m.name}/1/model.py"] = model_py(
             "backbone", f"member {m.name} ({m.arch.timm_name}); ONNX Runtime on model.onnx in the CPU variant, PyTorch FP16 "
             "on checkpoint.pt in gpu_torch (the config's runtime parameter chooses; gpu and gpu_ort do not use this file)")
-    for explain in (False, True):
+    for explain in (False, True) if p.explainable else (False,):
         name = p.explain_name if explain else p.name
         add(name, None, ensemble_config(p, explain))
         files[f"{name}/1/.gitkeep"] = ""  # Triton needs the version folder; git keeps no empty folder

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence, TextIO
 
-from .client import DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_URL, LesionClient, validate_url
+from .client import DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_URL, EXPLAIN_METHODS, LesionClient, validate_url
+from .encoding import encode_png
 from .errors import LesionServeError, ServerUnavailableError
 from .results import LesionResult
 
@@ -101,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="PEM file of the CA that signed the server's certificate (with --ssl; default: the system's CAs)",
     )
     classify.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    classify.add_argument("--explain", metavar="OUTDIR",
+                          help="also write one overlay PNG per image (the image under its heatmap) into OUTDIR; needs Pillow")
+    classify.add_argument("--explain-class", metavar="NAME", help="with --explain: the class to explain (default: each predicted label)")
+    classify.add_argument("--explain-method", default="gradcam", choices=EXPLAIN_METHODS,
+                          help="with --explain: the map (default: %(default)s)")
     return parser
 
 
@@ -116,15 +123,34 @@ def format_table(images: Sequence[str], results: Sequence[LesionResult]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
+def write_overlays(images: Sequence[str], results: Sequence[LesionResult], outdir: str) -> list[str]:
+    """One ``<stem>_<method>.png`` per image in ``outdir``: the image under its heatmap."""
+    os.makedirs(outdir, exist_ok=True)
+    written = []
+    for image, result in zip(images, results):
+        path = os.path.join(outdir, f"{os.path.splitext(os.path.basename(image))[0]}_{result.explain_method}.png")
+        with open(path, "wb") as f:
+            f.write(encode_png(result.overlay(image)))
+        written.append(path)
+    return written
+
+
 def _classify(args: argparse.Namespace, client: LesionClient, out: TextIO) -> None:
     with client:
-        results = client.classify(args.images)
+        if args.explain:
+            results = client.classify(args.images, explain=True, explain_class=args.explain_class,
+                                      explain_method=args.explain_method)
+        else:
+            results = client.classify(args.images)
     if args.json:
         payload = [{"image": image, **result.to_dict()} for image, result in zip(args.images, results)]
         json.dump(payload, out, indent=2)
         out.write("\n")
     else:
         out.write(format_table(args.images, results) + "\n")
+    if args.explain:
+        written = write_overlays(args.images, results, args.explain)
+        print(f"{len(written)} overlay(s) in {args.explain}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -133,6 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.root_certificates is not None and not args.ssl:
         parser.error("--root-certificates is only used over TLS: add --ssl")
+    if args.explain_class is not None and not args.explain:
+        parser.error("--explain-class goes with --explain OUTDIR")
     try:
         client = LesionClient(
             args.url, model_name=args.model, timeout=args.timeout, retries=args.retries,

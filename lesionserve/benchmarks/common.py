@@ -66,7 +66,12 @@ def random_artifacts(out: Path, seed: int = 0) -> Path:
     from lesionserve.export.random_artifacts import build_random_artifacts
 
     out = Path(out)
-    complete = all((out / name / "model.onnx").is_file() for name in LESION_ENSEMBLE.member_names) and (out / "calibration.json").is_file()
+    def servable(path: Path) -> bool:  # exported with the cams output the explain ensemble serves
+        import onnx
+
+        return path.is_file() and "cams" in [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+
+    complete = all(servable(out / name / "model.onnx") for name in LESION_ENSEMBLE.member_names) and (out / "calibration.json").is_file()
     return out if complete else build_random_artifacts(out, seed=seed)
 
 

@@ -27,6 +27,7 @@ import onnx
 
 from lesionserve.architectures import Normalization
 from lesionserve.calibration import Calibration, CalibrationError
+from lesionserve.explain import CAMS_OUTPUT
 from lesionserve.export.checks import NORMALIZATION_KEY
 from lesionserve.pipelines import LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, Member, get_pipeline
 from lesionserve.repository import DEFAULT_REPOSITORY, check_repository, write_repository
@@ -40,18 +41,19 @@ class AssembleError(RuntimeError):
 def artifact_files(artifacts: Path, pipeline: EnsemblePipeline = LESION_ENSEMBLE, checkpoints: bool = False) -> dict[Path, list[str]]:
     """Source file -> destination paths (relative to the repository) for one pipeline's artifacts folder."""
     files = {artifacts / m / "model.onnx": [f"{m}/1/model.onnx"] for m in pipeline.member_names}
-    files[artifacts / "calibration.json"] = [f"{pipeline.step(r)}/1/calibration.json" for r in ("fusion", "threshold", "explain")]
+    roles = ("fusion", "threshold", "heatmap") if pipeline.explainable else ("fusion", "threshold")
+    files[artifacts / "calibration.json"] = [f"{pipeline.step(r)}/1/calibration.json" for r in roles]
     if checkpoints:
         files.update({artifacts / m / "checkpoint.pt": [f"{m}/1/checkpoint.pt"] for m in pipeline.member_names})
     return files
 
 
-def onnx_signature(path: Path) -> tuple[str, list[int | str], str, dict[str, str]]:
-    """(input name, input dims, output name, metadata) of an ONNX file; symbolic dims as their names."""
+def onnx_signature(path: Path) -> tuple[str, list[int | str], list[str], dict[str, str]]:
+    """(input name, input dims, output names, metadata) of an ONNX file; symbolic dims as their names."""
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-    return graph.input[0].name, dims, graph.output[0].name, {p.key: p.value for p in model.metadata_props}
+    return graph.input[0].name, dims, [o.name for o in graph.output], {p.key: p.value for p in model.metadata_props}
 
 
 def check_onnx(member: str | Member, path: Path) -> tuple[int | None, list[str]]:
@@ -61,11 +63,13 @@ def check_onnx(member: str | Member, path: Path) -> tuple[int | None, list[str]]
     declared Member, the statistics the file was trained with (its metadata) must be the ones the
     pipeline will normalise with."""
     try:
-        name, dims, output, meta = onnx_signature(path)
+        name, dims, outputs, meta = onnx_signature(path)
+        output = outputs[0]
     except Exception as exc:  # any parse failure means the file is not a usable ONNX model
         return None, [f"{path}: not a readable ONNX model ({exc})"]
     problems = []
     trained = meta.get(NORMALIZATION_KEY)
+    needs_cams = not isinstance(member, Member) or member.arch.explainable
     if isinstance(member, Member):
         declared = member.preprocessing.normalization
         if trained is not None and Normalization.from_parameter(declared.name, trained) != declared:
@@ -74,6 +78,9 @@ def check_onnx(member: str | Member, path: Path) -> tuple[int | None, list[str]]
         member = member.name
     if (name, output) != (BACKBONE_INPUT, BACKBONE_OUTPUT):
         problems.append(f"{path}: tensors are {name!r} -> {output!r}, expected {BACKBONE_INPUT!r} -> {BACKBONE_OUTPUT!r}")
+    if CAMS_OUTPUT not in outputs and needs_cams:
+        problems.append(f"{path} has no {CAMS_OUTPUT!r} output, which the explain ensemble serves: export it again "
+                        "(python -m export.onnx_export; explanations are on by default)")
     square = len(dims) == 4 and dims[1] == 3 and isinstance(dims[2], int) and dims[2] > 0 and dims[2] == dims[3]
     if not square or isinstance(dims[0], int):
         problems.append(

@@ -53,10 +53,11 @@ class OnnxExportReport:
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, atol: float = DEFAULT_ATOL, batch: int = 3,
-                explain: bool = True) -> OnnxExportReport:
+                explain: bool | None = None) -> OnnxExportReport:
     """Export ``checkpoint`` to ``out`` with a dynamic batch axis; fail if ORT and PyTorch disagree.
 
-    ``explain``: the graph also outputs ``cams`` (lesionserve.explain), checked the same way.
+    ``explain``: the graph also outputs ``cams`` (lesionserve.explain), checked the same way;
+    None: where the architecture is explainable (pooling + linear head).
     """
     start = time.perf_counter()
     arch, model, payload = load_checkpoint(checkpoint)
@@ -67,6 +68,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, atol: float = DEFAULT_A
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".onnx.tmp")
     example = torch.zeros(2, 3, size, size)
+    explain = arch.explainable if explain is None else explain
     graph = explained(model).eval() if explain else model
     outputs = [OUTPUT_NAME, CAMS_OUTPUT] if explain else [OUTPUT_NAME]
     # The TorchScript exporter: deterministic, fast on these CNNs, names tensors as asked. Its
@@ -136,7 +138,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt written by training.train")
     parser.add_argument("--out", required=True, help="where to write model.onnx")
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="max allowed |ORT - PyTorch| on logits (default %(default)s)")
-    parser.add_argument("--no-explain", dest="explain", action="store_false",
+    parser.add_argument("--no-explain", dest="explain", action="store_false", default=None,
                         help=f"omit the `{CAMS_OUTPUT}` output (Grad-CAM and Grad-CAM++ per class) the explain ensemble serves")
     return parser
 

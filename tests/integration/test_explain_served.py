@@ -48,3 +48,22 @@ def test_explanations_keep_per_image_errors_and_refuse_unknown_classes(server_t1
             client.classify(blobs[:1], explain=True, explain_class="mole")
         with pytest.raises(UndecodableImageError, match=r"images\[1\]"):
             client.classify(blobs, explain=True)
+
+
+def test_client_cli_writes_one_overlay_per_image_when_asked_to_explain(server_t1, varied_images, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    paths = []
+    for name in ("jpeg_600x450", "png_320x240"):
+        path = tmp_path / f"{name}.{'jpg' if name.startswith('jpeg') else 'png'}"
+        path.write_bytes(varied_images[name])
+        paths.append(str(path))
+    out = subprocess.run([sys.executable, "-m", "lesionserve_client", "classify", *paths, "--url", server_t1.grpc_url,
+                          "--explain", str(tmp_path / "maps"), "--explain-method", "gradcampp"],
+                         capture_output=True, text=True, check=True)
+    assert "2 overlay(s) in" in out.stderr and "LABEL" in out.stdout
+    assert Image.open(tmp_path / "maps" / "jpeg_600x450_gradcampp.png").size == (600, 450)
+    assert Image.open(tmp_path / "maps" / "png_320x240_gradcampp.png").size == (320, 240)

@@ -27,7 +27,9 @@ LITE_NORM = Normalization("lite", (0.45, 0.42, 0.40), (0.27, 0.26, 0.28))
 ARCHITECTURES = (
     Architecture("lite_resnet18", "timm_classifier", "resnet18", input_size=96,
                  normalization=Normalization("inception", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))),
-    Architecture("lite_mobilenet", "timm_classifier", "mobilenetv3_small_100", input_size=128, normalization=LITE_NORM),
+    # Its head is pooling + 1x1 conv + activation + linear: no closed-form maps, so no explain ensemble.
+    Architecture("lite_mobilenet", "timm_classifier", "mobilenetv3_small_100", input_size=128, normalization=LITE_NORM,
+                 explainable=False),
 )
 
 

@@ -23,11 +23,12 @@ def test_export_onnx_writes_named_dynamic_model_when_check_passes(checkpoint, tm
     out = tmp_path / "model.onnx"
     assert main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
     graph = onnx.load(str(out)).graph
-    assert [i.name for i in graph.input] == [INPUT_NAME] and [o.name for o in graph.output] == [OUTPUT_NAME]
+    assert [i.name for i in graph.input] == [INPUT_NAME] and [o.name for o in graph.output] == [OUTPUT_NAME, "cams"]
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     report = json.loads(out.with_suffix(".export.json").read_text())
     assert report["max_abs_diff"] <= report["atol"] and report["input_size"] == 224
-    assert "max |ORT - torch|" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "max |ORT - torch|" in printed and "cams: " in printed and report["cams_max_rel_diff"] <= 1e-4
 
 
 def test_export_onnx_raises_and_leaves_no_file_when_tolerance_not_met(checkpoint, tmp_path):

@@ -22,7 +22,7 @@ from lesionserve.triton_config import backbone_runtime, batch_buckets, device_fo
 
 BACKBONE_NAMES = LESION_ENSEMBLE.member_names
 ENSEMBLE_MAX_BATCH, BACKBONE_MAX_BATCH = LESION_ENSEMBLE.max_batch_size, LESION_ENSEMBLE.member_max_batch
-STEPS = ("preprocess", "tta", "fusion", "threshold", "explain")
+STEPS = ("preprocess", "tta", "fusion", "threshold", "heatmap")
 KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
 KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
 ALL_VARIANT_FILES = sorted(DEFAULT_REPOSITORY.glob("*/configs/*.pbtxt"))

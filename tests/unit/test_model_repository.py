@@ -79,10 +79,11 @@ def tiny_onnx(path: Path, size: int, input_name: str = "pixel_values") -> bytes:
     """A valid few-byte classifier ONNX: global average pool -> flatten -> 3x7 matmul."""
     x = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", 3, size, size])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 7])
+    cams = helper.make_tensor_value_info("cams", TensorProto.FLOAT, ["batch", 3, size, size])  # shape aside, as served
     w = helper.make_tensor("w", TensorProto.FLOAT, [3, 7], [0.1] * 21)
     nodes = [helper.make_node("GlobalAveragePool", [input_name], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
-             helper.make_node("MatMul", ["f", "w"], ["logits"])]
-    model = helper.make_model(helper.make_graph(nodes, "tiny", [x], [y], [w]))
+             helper.make_node("MatMul", ["f", "w"], ["logits"]), helper.make_node("Identity", [input_name], ["cams"])]
+    model = helper.make_model(helper.make_graph(nodes, "tiny", [x], [y, cams], [w]))
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path.read_bytes()
