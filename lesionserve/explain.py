@@ -62,7 +62,8 @@ def explained(model: Any) -> Any:
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             features = self.inner.forward_features(x)
             weight = self.inner.get_classifier().weight
-            if weight.shape[1] != features.shape[1]:
+            # Checked eagerly; while tracing for export the shapes are fixed and the check already ran.
+            if not torch.jit.is_tracing() and weight.shape[1] != features.shape[1]:
                 raise ValueError(f"{type(self.inner).__name__}: its classifier reads {weight.shape[1]} features, the pooled "
                                  f"map has {features.shape[1]} channels: the head is not pooling + linear, so there is "
                                  "no closed-form Grad-CAM (declare the architecture explainable=False)")
