@@ -17,6 +17,7 @@ import pytest
 from lesionserve.export.assemble import assemble
 from lesionserve.export.random_artifacts import build_random_artifacts
 from lesionserve.calibration import Calibration
+from lesionserve.pipelines import LESION_ENSEMBLE
 from lesionserve.reference import ReferencePipeline
 from lesionserve.server import TritonServer
 from lesionserve.spec import CLASS_NAMES
@@ -29,6 +30,8 @@ TEST_CALIBRATION = Calibration(
     threshold_order=("AKIEC", "MEL"),
     meta={"source": "integration-test fixture"},
 )
+#: The python-backend models of the seed pipeline (one stub each): its steps and members, not its ensembles.
+PYTHON_MODELS = tuple(m for m in LESION_ENSEMBLE.model_names if m not in (LESION_ENSEMBLE.name, LESION_ENSEMBLE.explain_name))
 #: Side length the small artifacts are trained and served at.
 SMALL_INPUT_SIZE = 64
 

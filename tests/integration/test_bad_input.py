@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
+import time
 import zlib
 from typing import Callable
 
@@ -262,10 +263,16 @@ def test_classify_returns_results_for_good_images_and_errors_for_bad_when_partia
     assert [results[i] for i in (0, 2, 5, 7)] == expected
 
 
-def _ensemble_requests(raw) -> tuple[int, int]:
-    """(successful requests, images inferred) of lesion_ensemble so far, from the statistics API."""
-    (stats,) = raw.get_inference_statistics("lesion_ensemble").model_stats
-    return stats.inference_stats.success.count, stats.inference_count
+def _ensemble_requests(raw, at_least: int = 0) -> tuple[int, int]:
+    """(successful requests, images inferred) of lesion_ensemble so far, from the statistics API;
+    waits (up to 5 s) for the success count to reach ``at_least``: Triton may update an ensemble's
+    statistics just after its response has left."""
+    deadline = time.monotonic() + 5
+    while True:
+        (stats,) = raw.get_inference_statistics("lesion_ensemble").model_stats
+        if stats.inference_stats.success.count >= at_least or time.monotonic() > deadline:
+            return stats.inference_stats.success.count, stats.inference_count
+        time.sleep(0.05)
 
 
 def test_classify_partial_answers_eight_images_with_three_bad_in_one_round_trip_when_served(server_t1, raw, many_images):
@@ -283,7 +290,7 @@ def test_classify_partial_answers_eight_images_with_three_bad_in_one_round_trip_
         client._client.infer = counting_infer
         before = _ensemble_requests(raw)
         results = client.classify(images, partial=True)
-        after = _ensemble_requests(raw)
+        after = _ensemble_requests(raw, at_least=before[0] + 1)
         client._client.infer = infer
         alone = [client.classify([images[i]])[0] for i in good]
     server_requests, server_images = after[0] - before[0], after[1] - before[1]

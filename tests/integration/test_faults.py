@@ -22,6 +22,7 @@ from lesionserve.server import TritonServer
 from lesionserve.spec import CLASS_NAMES
 from lesionserve_client import LesionClient, RequestTimeoutError, ServerError, ServerUnavailableError
 from lesionserve.synthetic import render_lesion
+from tests.integration.conftest import PYTHON_MODELS
 
 pytestmark = pytest.mark.integration
 
@@ -129,7 +130,7 @@ def test_stub_killed_fails_every_request_to_its_model_precisely_and_triton_stays
     server = start(small_repository)
     try:
         stubs = {stub.name: stub for stub in server.stubs()}
-        assert set(stubs) == {f"{m}_0_0" for m in ("preprocess", "tta", "resnet50", "densenet121", "efficientnet_b3", "fusion", "threshold")}
+        assert set(stubs) == {f"{m}_0_0" for m in PYTHON_MODELS}
         victim = stubs["resnet50_0_0"]
         with LesionClient(server.grpc_url, timeout=30, retries=3) as client:
             client.classify(images[:1])

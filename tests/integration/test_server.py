@@ -14,6 +14,7 @@ import pytest
 from lesionserve.export.assemble import assemble
 from lesionserve.processes import PROC, SHM_DIR, SHM_REGION_PREFIX, mapped_shm_regions, python_stubs
 from lesionserve.server import ServerStartError, TritonServer
+from tests.integration.conftest import PYTHON_MODELS
 
 pytestmark = pytest.mark.integration
 
@@ -163,7 +164,7 @@ def test_serve_command_exits_1_naming_the_stub_when_a_stub_dies(small_repository
 def test_server_stop_leaves_no_stub_or_region_when_tritonserver_was_sigkilled_and_a_stub_hangs(small_repository):
     server = TritonServer(small_repository, grpc_port=0, http_port=0, metrics_port=0).start()
     stubs = server.stubs()
-    assert len(stubs) == 7
+    assert len(stubs) == len(PYTHON_MODELS)
     # A stub that cannot run (stopped here; busy or hung in life) cannot notice its server died: an orphan.
     hung = next(stub for stub in stubs if stub.name == "densenet121_0_0")
     os.kill(hung.pid, signal.SIGSTOP)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from lesionserve.benchmarks.soak import SoakConfig, run_soak
+from tests.integration.conftest import PYTHON_MODELS
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +20,7 @@ def test_soak_holds_300_requests_from_4_clients_with_no_failure_growth_or_leftov
     summary = report["summary"]
     assert summary["requests"] == 300 and summary["failures"] == 0
     assert len(report["samples"]) >= 3  # start, at least one periodic sample, end
-    assert len(summary["rss_start"]) == 8  # tritonserver + 7 stubs
+    assert len(summary["rss_start"]) == 1 + len(PYTHON_MODELS)  # tritonserver + one stub per python model
     assert report["server"].startswith("127.0.0.1:")
     assert "not assessed" not in summary["checks"]["p99_stability"]["detail"]
     failed = {name: check["detail"] for name, check in summary["checks"].items() if not check["passed"]}
