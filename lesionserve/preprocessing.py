@@ -245,15 +245,14 @@ class PreprocessedBatch(NamedTuple):
 
 def _decode_resize(
     data: bytes, sizes: tuple[int, ...], max_pixels: int, max_bytes: int
-) -> dict[int, np.ndarray] | str:
-    """One image of resize_batch_rows: bytes -> {size: S x S x 3 uint8}, or the reason it is unreadable."""
+) -> tuple[dict[int, np.ndarray], tuple[int, int]] | str:
+    """One image of resize_batch_rows: bytes -> ({size: S x S x 3 uint8}, (width, height)), or the
+    reason it is unreadable."""
     try:
         rgb = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
     except ImageDecodeError as exc:
         return str(exc)
-    resized: dict[Any, Any] = {size: resize(rgb, size) for size in sizes}
-    resized["image_size"] = (int(rgb.shape[1]), int(rgb.shape[0]))
-    return resized
+    return {size: resize(rgb, size) for size in sizes}, (int(rgb.shape[1]), int(rgb.shape[0]))
 
 
 def resize_batch_rows(
@@ -279,9 +278,9 @@ def resize_batch_rows(
         batch = np.zeros((len(per_image), size, size, 3), dtype=np.uint8)
         for row, p in enumerate(per_image):
             if not isinstance(p, str):
-                batch[row] = p[size]
+                batch[row] = p[0][size]
         pixels[size] = batch
-    image_sizes = [(0, 0) if isinstance(p, str) else p["image_size"] for p in per_image]
+    image_sizes = [(0, 0) if isinstance(p, str) else p[1] for p in per_image]
     return PreprocessedBatch(pixels, errors, image_sizes)
 
 
@@ -338,9 +337,9 @@ def preprocess_batch(
     Raises ImageDecodeError naming the index of the first image that cannot be decoded (the
     reference pipeline and training need every image; the server uses preprocess_batch_rows).
     """
-    inputs, sizes = _distinct(inputs)
-    resized = resize_batch(images, sizes, max_pixels=max_pixels, max_bytes=max_bytes, map_fn=map_fn)
-    return _normalize_batches(resized, device, inputs)
+    batch = preprocess_batch_rows(images, inputs, max_pixels, device, max_bytes=max_bytes, map_fn=map_fn)
+    batch.raise_first_error()
+    return batch.pixels
 
 
 def preprocess_batch_rows(

@@ -16,7 +16,7 @@ from lesionserve.calibration import Calibration
 from lesionserve.fusion import fuse
 from lesionserve.models import load_checkpoint, trained_input_size
 from lesionserve.pipelines import LESION_ENSEMBLE, EnsemblePipeline, Preprocessing
-from lesionserve.preprocessing import DEFAULT_MAX_PIXELS, preprocess_batch
+from lesionserve.preprocessing import DEFAULT_MAX_PIXELS, preprocess_batch_rows
 from lesionserve.spec import check_views
 from lesionserve.views import make_views
 
@@ -101,8 +101,17 @@ class ReferencePipeline:
 
     def run(self, images: Sequence[bytes]) -> PipelineOutput:
         """Classify encoded images; raises ImageDecodeError naming the first bad index."""
-        pixels = preprocess_batch(list(images), self.preprocessings, max_pixels=self.max_pixels)
-        views = {pre: make_views(batch, self.views) for pre, batch in pixels.items()}
+        return self.classify_views(self.views_of(images)[0])
+
+    def views_of(self, images: Sequence[bytes]) -> tuple[dict[Preprocessing, np.ndarray], list[tuple[int, int]]]:
+        """(the T views of every image per member input, each image's (width, height)); raises
+        ImageDecodeError naming the first bad index."""
+        batch = preprocess_batch_rows(list(images), self.preprocessings, max_pixels=self.max_pixels)
+        batch.raise_first_error()
+        return {pre: make_views(pixels, self.views) for pre, pixels in batch.pixels.items()}, batch.image_sizes
+
+    def classify_views(self, views: dict[Preprocessing, np.ndarray]) -> PipelineOutput:
+        """The members, fusion and decision over views_of's views."""
         logits = [self.backbone_logits(b, views[self.inputs[b]]) for b in self.backbones]
         probs, backbone_probs = fuse(logits, self.weights, self.views)
         labels, fired = self.calibration.decide(probs, self.pipeline.class_names)
@@ -118,15 +127,6 @@ class Explanation:
     classes: list[str]
     maps: list[np.ndarray]
     member_maps: list[dict[str, np.ndarray]]
-
-
-def explanation_classes(names: Sequence[str | None], labels: Sequence[str], class_names: Sequence[str]) -> list[int]:
-    """Class index per image: the named class, or the predicted label where None; an unknown name
-    is refused naming the classes there are."""
-    unknown = sorted({n for n in names if n is not None and n not in class_names})
-    if unknown:
-        raise ValueError(f"cannot explain unknown class {', '.join(map(repr, unknown))}; classes: {', '.join(class_names)}")
-    return [list(class_names).index(n if n is not None else label) for n, label in zip(names, labels)]
 
 
 def _explain_member(pipeline: "ReferencePipeline", name: str, views: np.ndarray, classes: list[int],
@@ -163,21 +163,19 @@ def explain(pipeline: "ReferencePipeline", images: Sequence[bytes], method: str 
     ``oracle=True`` with pytorch-grad-cam's gradients at each architecture's pooling input. Both
     then go through the same fusion (explain.fuse_view_maps), so they must agree.
     """
-    from lesionserve.explain import CAM_METHODS, fuse_view_maps
-    from lesionserve.preprocessing import decode_image
+    from lesionserve.explain import CAM_METHODS, explanation_classes, fuse_view_maps
 
     if method not in CAM_METHODS:
         raise ValueError(f"unknown explanation method {method!r}; methods: {', '.join(CAM_METHODS)}")
     images = list(images)
-    result = pipeline.run(images)
     names = list(classes) if classes is not None else [None] * len(images)
     if len(names) != len(images):
         raise ValueError(f"{len(names)} classes for {len(images)} images")
+    views, sizes = pipeline.views_of(images)  # decoded once, for the classification and the maps
+    result = pipeline.classify_views(views)
     index = explanation_classes(names, result.labels, pipeline.pipeline.class_names)
-    pixels = preprocess_batch(images, pipeline.preprocessings, max_pixels=pipeline.max_pixels)
-    per_member = [_explain_member(pipeline, b, make_views(pixels[pipeline.inputs[b]], pipeline.views), index, method, oracle)
+    per_member = [_explain_member(pipeline, b, views[pipeline.inputs[b]], index, method, oracle)
                   for b in pipeline.backbones]
-    sizes = [decode_image(data, max_pixels=pipeline.max_pixels).shape[1::-1] for data in images]
     fused, by_member = fuse_view_maps(per_member, pipeline.weights, pipeline.views, sizes)
     return result, Explanation(method, [pipeline.pipeline.class_names[i] for i in index], fused,
                                [dict(zip(pipeline.backbones, maps)) for maps in by_member])
