@@ -18,7 +18,7 @@ constant and no closed form exists.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -84,6 +84,15 @@ def upsample_map(cam: np.ndarray, width: int, height: int) -> np.ndarray:
     import cv2
 
     return scale_map(cv2.resize(scale_map(cam), (width, height), interpolation=cv2.INTER_LINEAR))
+
+
+def explanation_classes(names: Sequence[str | None], labels: Sequence[str], class_names: Sequence[str]) -> list[int]:
+    """Class index per image: the named class, or the predicted label where None; an unknown name
+    is refused naming the classes there are."""
+    unknown = sorted({n for n in names if n is not None and n not in class_names})
+    if unknown:
+        raise ValueError(f"cannot explain unknown class {', '.join(map(repr, unknown))}; classes: {', '.join(class_names)}")
+    return [list(class_names).index(n if n is not None else label) for n, label in zip(names, labels)]
 
 
 def view_maps(cams: np.ndarray, classes: np.ndarray, views: int, size: int) -> np.ndarray:

@@ -261,7 +261,7 @@ def member_config(p: EnsemblePipeline, m: Member, variant: str | None) -> str:
     raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(GPU_VARIANTS)} (or None for CPU)")
 
 
-def explain_config(p: EnsemblePipeline, variant: str | None) -> str:
+def heatmap_config(p: EnsemblePipeline, variant: str | None) -> str:
     header, gpu = _gpu_step(variant, "the maps arrive from the members; fusion and resizing run on the host (OpenCV).")
     c = len(p.class_names)
     ins = [_tensor(f"cams_{m.name}", "TYPE_FP32", (-1, len(CAM_METHODS), c, -1, -1)) for m in p.members]
@@ -360,7 +360,7 @@ STEP_CODE = {
     "tta": (tta_config, "tta", "pixels -> N*T dihedral views"),
     "fusion": (fusion_config, "fusion", "member logits -> fused class probabilities"),
     "threshold": (threshold_config, "threshold", "fused probabilities -> calibrated label"),
-    "heatmap": (explain_config, "heatmap", "member maps -> one fused heatmap per image"),
+    "heatmap": (heatmap_config, "heatmap", "member maps -> one fused heatmap per image"),
 }
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from lesionserve.calibration import Calibration
-from lesionserve.explain import CAM_METHODS, fuse_view_maps, view_maps
+from lesionserve.explain import CAM_METHODS, explanation_classes, fuse_view_maps, view_maps
 from lesionserve.preprocessing import ERROR_TENSOR, failed_rows
 from lesionserve.triton_config import parameter, parse_args_config, version_dir
 from lesionserve.triton_models.tensors import read_host
@@ -37,11 +37,16 @@ class TritonPythonModel:
         views = int(read_host(request, "num_views")[0])
         labels, wanted = _text(read_host(request, "label")), _text(read_host(request, "explain_class"))
         methods = set(_text(read_host(request, "explain_method"))) or {CAM_METHODS[0]}
-        bad = sorted({c for c in wanted if c and c not in self.class_names})
-        if bad or len(methods) != 1 or not methods <= set(CAM_METHODS):
-            what = (f"unknown class {', '.join(map(repr, bad))}; classes: {', '.join(self.class_names)}" if bad else
-                    f"explain_method must be one of {', '.join(CAM_METHODS)}, the same for a whole request; got {sorted(methods)}")
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"cannot explain: {what}", pb_utils.TritonError.INVALID_ARG))
+        if len(methods) != 1 or not methods <= set(CAM_METHODS):
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"cannot explain: explain_method must be one of {', '.join(CAM_METHODS)}, the same for a whole "
+                f"request; got {sorted(methods)}", pb_utils.TritonError.INVALID_ARG))
+        try:
+            # A row whose image could not be read has no label: any class will do, its map is zeroed below.
+            classes = np.array(explanation_classes([c or None for c in wanted],
+                                                   [lab or self.class_names[0] for lab in labels], self.class_names))
+        except ValueError as exc:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
         failed = failed_rows(read_host(request, ERROR_TENSOR))
         sizes = [tuple(int(v) for v in s) for s in read_host(request, "image_size").reshape(-1, 2)]
         good = [s for s, f in zip(sizes, failed) if not f]
@@ -50,9 +55,7 @@ class TritonPythonModel:
                 f"cannot explain images of different sizes in one request ({sorted(set(good))}): "
                 "send one image per request (the SDK does)", pb_utils.TritonError.INVALID_ARG))
         method = CAM_METHODS.index(methods.pop())
-        # A failed row has no label: explain any class (its map is zeroed below); 1x1 keeps shapes valid.
-        classes = np.array([self.class_names.index(c or lab) if (c or lab) else 0 for c, lab in zip(wanted, labels)])
-        width, height = good[0] if good else (1, 1)
+        width, height = good[0] if good else (1, 1)  # all rows failed: 1x1 zero maps keep the shapes valid
         per_member = [view_maps(read_host(request, f"cams_{m}")[:, method], classes, views, int(self.sizes[m]))
                       for m in self.members]
         fused, _ = fuse_view_maps(per_member, self.weights, views, [(width, height)] * len(classes))
