@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lesionserve.architectures import ARCHITECTURES, Architecture, get_architecture
+from lesionserve.architectures import Architecture, get_architecture
 
 CHECKPOINT_FORMAT = "lesionserve-checkpoint-v1"
 
@@ -47,7 +47,7 @@ def payload_architecture(payload: dict[str, Any]) -> Architecture:
     """The architecture a checkpoint holds: its own description, else (older files) the registry's."""
     if "architecture" in payload:
         return Architecture.from_dict(payload["architecture"])
-    return ARCHITECTURES.get(payload["backbone"]) or get_architecture(payload["backbone"])
+    return get_architecture(payload["backbone"])
 
 
 def load_checkpoint(path: str | Path) -> tuple[Architecture, torch.nn.Module, dict[str, Any]]:

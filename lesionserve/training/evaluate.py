@@ -51,18 +51,6 @@ from lesionserve import prog
 from lesionserve.calibration import Calibration
 from lesionserve.pipelines import LESION_ENSEMBLE
 from lesionserve.spec import ALLOWED_VIEWS, CLASS_NAMES, NUM_CLASSES, check_views
-
-#: The members an artifacts folder holds, in fusion order (the seed ensemble's declaration).
-BACKBONE_NAMES = LESION_ENSEMBLE.member_names
-
-
-def backbone_arg(value: str) -> str:
-    """argparse ``type=`` for a member name: the error lists the valid names."""
-    import argparse
-
-    if value not in BACKBONE_NAMES:
-        raise argparse.ArgumentTypeError(f"unknown backbone {value!r}; choose one of {', '.join(BACKBONE_NAMES)}")
-    return value
 from lesionserve.training.data import ISIC_SPLITS, LAYOUTS, Sample, class_counts
 from lesionserve.training.metrics import (
     MALIGNANT_CLASSES,
@@ -76,6 +64,17 @@ from lesionserve.training.metrics import (
     sensitivity_specificity_from_confusion,
 )
 from lesionserve.training.reports import fmt, fmt_ci, markdown_table, plot_confusion, plot_roc
+
+#: The members an artifacts folder holds, in fusion order (the seed ensemble's declaration).
+BACKBONE_NAMES = LESION_ENSEMBLE.member_names
+
+
+def backbone_arg(value: str) -> str:
+    """argparse ``type=`` for a member name: the error lists the valid names."""
+    if value not in BACKBONE_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown backbone {value!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+    return value
+
 
 SPLITS_FILENAME = "splits.csv"
 CALIBRATION_FILENAME = "calibration.json"
