@@ -6,6 +6,8 @@ integration tests and the demo can run without the real 10,015 images::
     OUT/ISIC2018_Task3_Training_Input/ISIC_0000000.jpg, ...          (JPEG quality 90)
     OUT/ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv
     OUT/ISIC2018_Task3_Training_LesionGroupings.csv
+    OUT/ISIC2018_Task1_Training_GroundTruth/ISIC_0000000_segmentation.png, ...  (lesion masks, {0, 255})
+    OUT/masks.csv                                                    (image,mask_path, as the real pool's)
     OUT/.lesionserve_synthetic.json                                  (marks a generator output)
 
 Each image is a skin-toned field (mottling, vignetting, sometimes the dark rim of the
@@ -26,7 +28,10 @@ Colour and size are strong cues (a CNN trained for minutes from scratch separate
 structures add realism. Every image gets its own pose (position, rotation, scale) and lighting
 (brightness, white balance, hue), hair and noise. Some lesions are photographed 2-3 times: same
 geometry and colours, different pose, lighting and crop, sharing a ``HAM_`` lesion id in the
-groupings file, so lesion-grouped splitting can be tested.
+groupings file, so lesion-grouped splitting can be tested. Each image's mask is where its lesion
+is (the lesion's opacity after its pose, above one half; hair and bubbles drawn over it stay inside),
+in the layout of ISIC 2018 Task 1's ground truth, so segmentation and explanation maps can be
+scored without real masks.
 
 Everything derives from ``seed``: the same arguments give byte-identical files (with the same
 numpy and OpenCV builds; another OpenCV/libjpeg may change pixels, never labels or groupings).
@@ -67,15 +72,18 @@ __all__ = [
     "ham10000_class_counts",
     "main",
     "render_lesion",
+    "render_lesion_with_mask",
 ]
 
 IMAGES_DIRNAME = "ISIC2018_Task3_Training_Input"
 GROUND_TRUTH_DIRNAME = "ISIC2018_Task3_Training_GroundTruth"
 LABELS_FILENAME = "ISIC2018_Task3_Training_GroundTruth.csv"
 GROUPINGS_FILENAME = "ISIC2018_Task3_Training_LesionGroupings.csv"
+MASKS_DIRNAME = "ISIC2018_Task1_Training_GroundTruth"
+MASKS_FILENAME = "masks.csv"
 MARKER_FILENAME = ".lesionserve_synthetic.json"
 GENERATOR_NAME = "lesionserve training.synthetic"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: lesion masks
 
 JPEG_QUALITY = 90
 MIN_SIDE = 32
@@ -111,6 +119,8 @@ class DatasetPaths:
     images_dir: Path
     labels_csv: Path
     groupings_csv: Path
+    masks_dir: Path
+    masks_csv: Path
 
     @classmethod
     def under(cls, root: Path) -> "DatasetPaths":
@@ -120,6 +130,8 @@ class DatasetPaths:
             images_dir=root / IMAGES_DIRNAME,
             labels_csv=root / GROUND_TRUTH_DIRNAME / LABELS_FILENAME,
             groupings_csv=root / GROUPINGS_FILENAME,
+            masks_dir=root / MASKS_DIRNAME,
+            masks_csv=root / MASKS_FILENAME,
         )
 
 
@@ -644,8 +656,9 @@ def _draw_bubbles(img: np.ndarray, rng: np.random.Generator) -> None:
     _blend(img, (1.0, 1.0, 1.0), _mask_float(layer, 0.6), 0.55)
 
 
-def _render_shot(lesion: _Lesion, rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
-    """Photograph ``lesion`` once: new pose, lighting, hair and noise. Returns HxWx3 uint8 RGB."""
+def _render_shot(lesion: _Lesion, rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Photograph ``lesion`` once: new pose, lighting, hair and noise. Returns (HxWx3 uint8 RGB,
+    HxW bool lesion mask)."""
     w, h = size
     short = min(w, h)
     # Skin: patient tone with faint erythema blotches.
@@ -662,6 +675,7 @@ def _render_shot(lesion: _Lesion, rng: np.random.Generator, size: tuple[int, int
     matrix[1, 2] += h / 2.0 + rng.uniform(-0.1, 0.1) * h - canvas / 2.0
     planes = cv2.split(cv2.warpAffine(lesion.rgba, matrix, (w, h), flags=cv2.INTER_LINEAR,
                                       borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0)))
+    mask = planes[3] > 0.5
     behind = 1.0 - planes[3]
     for c in range(3):
         img[c] *= behind
@@ -694,7 +708,7 @@ def _render_shot(lesion: _Lesion, rng: np.random.Generator, size: tuple[int, int
     img += 0.5
     np.clip(img, 0.0, 255.0, out=img)
     out = img.astype(np.uint8)
-    return cv2.merge([out[0], out[1], out[2]])
+    return cv2.merge([out[0], out[1], out[2]]), mask
 
 
 def render_lesion(label: str | int, rng: np.random.Generator, size: tuple[int, int] = (600, 450)) -> np.ndarray:
@@ -702,6 +716,12 @@ def render_lesion(label: str | int, rng: np.random.Generator, size: tuple[int, i
 
     Returns an HxWx3 uint8 RGB array. The same generator state gives the same image.
     """
+    return render_lesion_with_mask(label, rng, size)[0]
+
+
+def render_lesion_with_mask(label: str | int, rng: np.random.Generator,
+                            size: tuple[int, int] = (600, 450)) -> tuple[np.ndarray, np.ndarray]:
+    """render_lesion's image and its lesion mask (HxW bool), from the same generator state."""
     width, height = _check_size(size)
     if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
         if not 0 <= int(label) < len(CLASS_NAMES):
@@ -785,6 +805,13 @@ def _write_image(path: Path, rgb: np.ndarray) -> None:
     path.write_bytes(data.tobytes())
 
 
+def _write_mask(path: Path, mask: np.ndarray) -> None:
+    ok, data = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+    if not ok:
+        raise RuntimeError(f"PNG encoding failed for {path.name}")
+    path.write_bytes(data.tobytes())
+
+
 def _write_csvs(paths: DatasetPaths, planned: list[_PlannedLesion]) -> None:
     rows = sorted((img, lesion) for lesion in planned for img in lesion.images)
     paths.labels_csv.parent.mkdir(parents=True, exist_ok=True)
@@ -798,11 +825,20 @@ def _write_csvs(paths: DatasetPaths, planned: list[_PlannedLesion]) -> None:
         writer.writerow(["image", "lesion_id", "diagnosis_confirm_type"])
         for img, lesion in rows:
             writer.writerow([_image_id(img), lesion.lesion_id, lesion.confirm_type])
+    with paths.masks_csv.open("w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image", "mask_path"])
+        for img, _ in rows:
+            writer.writerow([_image_id(img), f"{MASKS_DIRNAME}/{_mask_name(img)}"])
+
+
+def _mask_name(number: int) -> str:
+    return f"{_image_id(number)}_segmentation.png"
 
 
 def _is_generator_output(root: Path) -> bool:
     """Whether ``root`` holds a dataset written by this module and nothing else (so replacing it loses nothing)."""
-    ours = {IMAGES_DIRNAME, GROUND_TRUTH_DIRNAME, GROUPINGS_FILENAME, MARKER_FILENAME}
+    ours = {IMAGES_DIRNAME, GROUND_TRUTH_DIRNAME, GROUPINGS_FILENAME, MASKS_DIRNAME, MASKS_FILENAME, MARKER_FILENAME}
     try:
         if not {entry.name for entry in root.iterdir()} <= ours:
             return False
@@ -922,12 +958,14 @@ def generate_dataset(
     try:
         paths = DatasetPaths.under(tmp)
         paths.images_dir.mkdir()
+        paths.masks_dir.mkdir()
         with tqdm(total=total, desc="synthetic images", unit="img", disable=not progress) as bar:
             for lesion in planned:
                 model = _make_lesion(lesion.label, np.random.default_rng([seed, 1, lesion.number]), (width, height))
                 for number in lesion.images:
-                    rgb = _render_shot(model, np.random.default_rng([seed, 2, number]), (width, height))
+                    rgb, mask = _render_shot(model, np.random.default_rng([seed, 2, number]), (width, height))
                     _write_image(paths.images_dir / f"{_image_id(number)}.jpg", rgb)
+                    _write_mask(paths.masks_dir / _mask_name(number), mask)
                     bar.update(1)
         _write_csvs(paths, planned)
         marker = {

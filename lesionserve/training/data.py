@@ -50,6 +50,8 @@ LAYOUTS: tuple[str, ...] = ("auto", "isic2018", "ham10000", "folders")
 #: Official ISIC 2018 Task 3 splits and the folder-name word each uses.
 ISIC_SPLITS: dict[str, str] = {"training": "Training", "validation": "Validation", "test": "Test"}
 GROUPINGS_FILENAME = "ISIC2018_Task3_Training_LesionGroupings.csv"
+#: Prefixes of ISIC ground truths that are masks, not class labels (Task 1 lesions, Task 2 attributes).
+MASK_TASKS: tuple[str, ...] = ("ISIC2018_Task1_", "ISIC2018_Task2_")
 #: HAM10000 ``dx`` codes -> class names (compared case-insensitively).
 HAM10000_DX: dict[str, str] = {
     "akiec": "AKIEC", "bcc": "BCC", "bkl": "BKL", "df": "DF", "mel": "MEL", "nv": "NV", "vasc": "VASC",
@@ -115,6 +117,8 @@ def isic_ground_truths(root: str | Path) -> dict[str, Path]:
     A set is a ``<prefix>_GroundTruth/`` folder (as the official zips unpack) or a loose
     ``<prefix>_GroundTruth.csv`` whose header has no ``dx`` column (one with ``dx`` is HAM10000
     metadata); its images are in ``<prefix>_Input/``. Raises DatasetError when one prefix has both.
+    ISIC 2018 Task 1 and 2 ground truths (lesion and attribute masks, PNGs) are not class labels
+    and are passed over, so masks can sit beside the images they belong to.
     """
     root = Path(root)
     found: dict[str, Path] = {}
@@ -126,6 +130,8 @@ def isic_ground_truths(root: str | Path) -> dict[str, Path]:
         elif entry.is_file() and entry.name.endswith("_GroundTruth.csv") and "dx" not in _csv_header(entry):
             prefix = entry.name[: -len("_GroundTruth.csv")]
         else:
+            continue
+        if prefix.startswith(MASK_TASKS):
             continue
         if prefix in found:
             raise DatasetError(f"{root}: both {found[prefix].name} and {entry.name} hold the {prefix} ground truth; "

@@ -21,6 +21,7 @@ from lesionserve.synthetic import (
     ham10000_class_counts,
     main,
     render_lesion,
+    render_lesion_with_mask,
 )
 
 SMALL = (64, 48)  # width, height: keeps every test fast
@@ -129,7 +130,7 @@ def test_generate_dataset_is_byte_identical_when_run_twice_with_same_args(tmp_pa
     second = _gen(tmp_path / "b", num_images=14, seed=5)
 
     hashes_a, hashes_b = _hashes(first.root), _hashes(second.root)
-    assert len(hashes_a) == 14 + 3  # images, two CSVs, marker
+    assert len(hashes_a) == 2 * 14 + 4  # images, masks, three CSVs, marker
     assert hashes_a == hashes_b
 
 
@@ -455,3 +456,41 @@ def test_classes_are_learnable_when_nearest_centroid_trained_on_another_seed(tmp
     print(f"nearest-centroid balanced accuracy: {balanced_accuracy:.3f} "
           f"(chance {1 / len(CLASS_NAMES):.3f}); per class {dict(zip(CLASS_NAMES, np.round(recalls, 2)))}")
     assert balanced_accuracy >= 0.6, recalls
+
+
+# ------------------------------------------------------------------------------------------
+# Lesion masks
+# ------------------------------------------------------------------------------------------
+
+
+def test_every_image_gets_a_binary_mask_listed_in_masks_csv_like_the_real_pool(tmp_path):
+    paths = _gen(tmp_path / "ds", num_images=14, size=(120, 90))
+    header, rows = _read_csv(paths.masks_csv)
+    assert header == ["image", "mask_path"]
+    assert [r[0] for r in rows] == sorted(p.stem for p in paths.images_dir.iterdir())
+    for image, relative in rows:
+        assert relative == f"{synthetic.MASKS_DIRNAME}/{image}_segmentation.png"
+        mask = cv2.imread(str(paths.root / relative), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (90, 120) and set(np.unique(mask)) == {0, 255}
+
+
+def test_mask_covers_the_lesion_when_compared_with_the_skin_around_it():
+    # The lesion's colour differs from the ring of skin just outside its mask, and the mask is one
+    # region near the centre (the pose keeps lesions roughly centred).
+    rng = np.random.default_rng(0)
+    for label in CLASS_NAMES:
+        rgb, mask = render_lesion_with_mask(label, rng, (200, 150))
+        assert mask.dtype == bool and 0.005 < mask.mean() < 0.6
+        ring = cv2.dilate(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool) & ~mask
+        inside, around = rgb[mask].astype(float).mean(axis=0), rgb[ring].astype(float).mean(axis=0)
+        assert np.abs(inside - around).sum() > 30, (label, inside, around)
+        count, _ = cv2.connectedComponents(mask.astype(np.uint8))
+        assert count - 1 <= 2, label  # one lesion (a stray streak tip at most)
+        ys, xs = np.nonzero(mask)
+        assert abs(xs.mean() - 100) < 40 and abs(ys.mean() - 75) < 30, label
+
+
+def test_render_lesion_with_mask_draws_the_same_image_as_render_lesion():
+    a = render_lesion("NV", np.random.default_rng(5), (80, 60))
+    b, mask = render_lesion_with_mask("NV", np.random.default_rng(5), (80, 60))
+    assert np.array_equal(a, b) and mask.shape == (60, 80)
