@@ -77,6 +77,18 @@ def test_tls_client_with_the_ca_classifies_when_server_serves_grpc_over_tls(tls_
     assert len(results) == 3 and all(abs(sum(r.probabilities.values()) - 1) < 1e-4 for r in results)
 
 
+def test_tls_client_gets_heatmaps_and_per_image_errors_when_explaining_over_tls(tls_server, pki, varied_images):
+    from lesionserve_client import UndecodableImageError
+
+    url, _, _ = tls_server
+    blobs = [varied_images["png_320x240"], b"not an image", varied_images["bmp_160x120"]]
+    with LesionClient(url, ssl=True, root_certificates=pki["ca.pem"], timeout=60) as client:
+        rows = client.classify(blobs, partial=True, explain=True, explain_method="gradcampp")
+    assert isinstance(rows[1], UndecodableImageError) and rows[1].index == 1
+    assert rows[0].heatmap.shape == (240, 320) and rows[2].heatmap.shape == (120, 160)
+    assert all(r.heatmap.dtype.name == "float32" and 0.0 <= r.heatmap.min() and r.heatmap.max() <= 1.0 for r in (rows[0], rows[2]))
+
+
 def test_cli_classifies_over_tls_when_given_ssl_and_root_certificates(tls_server, pki, varied_images, tmp_path, capsys):
     url, _, _ = tls_server
     image = tmp_path / "lesion.jpg"
