@@ -51,16 +51,16 @@ def write_figures(reference, paths: list[Path], out: Path, class_name: str | Non
     from matplotlib.figure import Figure
 
     from lesionserve.preprocessing import decode_image
-    from lesionserve.reference import explain
+    from lesionserve.reference import explain_methods
 
     out.mkdir(parents=True, exist_ok=True)
     blobs = [p.read_bytes() for p in paths]
     rgbs = [decode_image(b, max_pixels=reference.max_pixels) for b in blobs]
     classes = [class_name] * len(blobs)
     written, panels = [], {m: [] for m in CAM_METHODS}
-    for method in CAM_METHODS:
-        result, maps = explain(reference, blobs, method, classes=classes, oracle=oracle)
-        names = list(reference.pipeline.class_names)
+    result, explanations = explain_methods(reference, blobs, CAM_METHODS, classes=classes, oracle=oracle)
+    names = list(reference.pipeline.class_names)
+    for method, maps in explanations.items():
         for path, rgb, heat, cls, probs in zip(paths, rgbs, maps.maps, maps.classes, result.probs):
             picture = overlay(rgb, heat, cls, float(probs[names.index(cls)]))
             target = out / f"{path.stem}_{method}.png"

@@ -130,16 +130,17 @@ class Explanation:
 
 
 def _explain_member(pipeline: "ReferencePipeline", name: str, views: np.ndarray, classes: list[int],
-                    method: str, oracle: bool) -> np.ndarray:
-    """One member's per-view maps (N*T x S x S): the closed form (as exported) or pytorch-grad-cam."""
+                    methods: Sequence[str], oracle: bool) -> dict[str, np.ndarray]:
+    """One member's per-view maps (N*T x S x S) per method: the closed form (as exported; one forward
+    gives every method) or pytorch-grad-cam (one gradient pass per method)."""
     from lesionserve.explain import CAM_METHODS, explained, view_maps
 
     model, size, t = pipeline.models[name], pipeline.input_sizes[name], pipeline.views
     if not oracle:
         with torch.inference_mode():
             cams = torch.cat([explained(model)(torch.from_numpy(views[i:i + pipeline.batch_size]))[1]
-                              for i in range(0, len(views), pipeline.batch_size)])
-        return view_maps(cams[:, CAM_METHODS.index(method)].numpy(), np.asarray(classes), t, size)
+                              for i in range(0, len(views), pipeline.batch_size)]).numpy()
+        return {m: view_maps(cams[:, CAM_METHODS.index(m)], np.asarray(classes), t, size) for m in methods}
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus  # the oracle: real gradients
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -147,12 +148,15 @@ def _explain_member(pipeline: "ReferencePipeline", name: str, views: np.ndarray,
     for part in pipeline.pipeline.member(name).arch.cam_layer.split("."):
         layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
     rows = np.repeat(classes, t)
-    out = []
-    with {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus}[method](model=model, target_layers=[layer]) as cam:
-        for i in range(0, len(views), pipeline.batch_size):
-            chunk = torch.from_numpy(views[i:i + pipeline.batch_size])
-            out.append(cam(input_tensor=chunk, targets=[ClassifierOutputTarget(int(c)) for c in rows[i:i + len(chunk)]]))
-    return np.concatenate(out)
+    maps = {}
+    for method in methods:
+        out = []
+        with {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus}[method](model=model, target_layers=[layer]) as cam:
+            for i in range(0, len(views), pipeline.batch_size):
+                chunk = torch.from_numpy(views[i:i + pipeline.batch_size])
+                out.append(cam(input_tensor=chunk, targets=[ClassifierOutputTarget(int(c)) for c in rows[i:i + len(chunk)]]))
+        maps[method] = np.concatenate(out)
+    return maps
 
 
 def explain(pipeline: "ReferencePipeline", images: Sequence[bytes], method: str = "gradcam",
@@ -163,10 +167,21 @@ def explain(pipeline: "ReferencePipeline", images: Sequence[bytes], method: str 
     ``oracle=True`` with pytorch-grad-cam's gradients at each architecture's pooling input. Both
     then go through the same fusion (explain.fuse_view_maps), so they must agree.
     """
+    result, explanations = explain_methods(pipeline, images, (method,), classes, oracle)
+    return result, explanations[method]
+
+
+def explain_methods(pipeline: "ReferencePipeline", images: Sequence[bytes], methods: Sequence[str],
+                    classes: Sequence[str | None] | None = None,
+                    oracle: bool = False) -> tuple[PipelineOutput, dict[str, Explanation]]:
+    """explain() for several methods at once: the images are decoded and classified once and, in
+    closed form, each member runs once for all the methods."""
     from lesionserve.explain import CAM_METHODS, explanation_classes, fuse_view_maps
 
-    if method not in CAM_METHODS:
-        raise ValueError(f"unknown explanation method {method!r}; methods: {', '.join(CAM_METHODS)}")
+    unknown = [m for m in methods if m not in CAM_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown explanation method {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"methods: {', '.join(CAM_METHODS)}")
     images = list(images)
     names = list(classes) if classes is not None else [None] * len(images)
     if len(names) != len(images):
@@ -174,8 +189,11 @@ def explain(pipeline: "ReferencePipeline", images: Sequence[bytes], method: str 
     views, sizes = pipeline.views_of(images)  # decoded once, for the classification and the maps
     result = pipeline.classify_views(views)
     index = explanation_classes(names, result.labels, pipeline.pipeline.class_names)
-    per_member = [_explain_member(pipeline, b, views[pipeline.inputs[b]], index, method, oracle)
+    per_member = [_explain_member(pipeline, b, views[pipeline.inputs[b]], index, methods, oracle)
                   for b in pipeline.backbones]
-    fused, by_member = fuse_view_maps(per_member, pipeline.weights, pipeline.views, sizes)
-    return result, Explanation(method, [pipeline.pipeline.class_names[i] for i in index], fused,
-                               [dict(zip(pipeline.backbones, maps)) for maps in by_member])
+    explanations = {}
+    for method in methods:
+        fused, by_member = fuse_view_maps([maps[method] for maps in per_member], pipeline.weights, pipeline.views, sizes)
+        explanations[method] = Explanation(method, [pipeline.pipeline.class_names[i] for i in index], fused,
+                                           [dict(zip(pipeline.backbones, maps)) for maps in by_member])
+    return result, explanations

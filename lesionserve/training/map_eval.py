@@ -154,7 +154,7 @@ def score_dataset(reference: Any, dataset: str, items: Sequence[MaskedSample], g
     fused maps per method, for the case figures)."""
     from tqdm import tqdm
 
-    from lesionserve.reference import explain
+    from lesionserve.reference import explain_methods
 
     names = list(reference.pipeline.class_names)
     wanted = explained_classes(explain_class, items, names)
@@ -163,10 +163,9 @@ def score_dataset(reference: Any, dataset: str, items: Sequence[MaskedSample], g
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             blobs = [item.sample.path.read_bytes() for item in chunk]
-            per_method = {m: explain(reference, blobs, m, classes=wanted[start:start + len(chunk)]) for m in methods}
-            result = next(iter(per_method.values()))[0]
+            result, per_method = explain_methods(reference, blobs, methods, classes=wanted[start:start + len(chunk)])
+            first = per_method[methods[0]]
             for i, item in enumerate(chunk):
-                first = next(iter(per_method.values()))[1]
                 height, width = first.maps[i].shape
                 mask = read_mask(item.mask_path, (width, height))
                 explained_name = first.classes[i]
@@ -174,7 +173,7 @@ def score_dataset(reference: Any, dataset: str, items: Sequence[MaskedSample], g
                                   float(result.probs[i][names.index(explained_name)]), float(mask.mean()))
                 baselines = score_maps({"gaussian": centred_gaussian(width, height, gaussian_area),
                                         "uniform": uniform_map(width, height)}, mask)
-                for method, (_, explanation) in per_method.items():
+                for method, explanation in per_method.items():
                     maps = {FUSED: explanation.maps[i], **explanation.member_maps[i]}
                     row.scores[method] = {**score_maps(maps, mask), **baselines}
                     if keep_maps:

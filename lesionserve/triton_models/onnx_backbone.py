@@ -41,7 +41,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-        # Only what is asked for runs: classification asks for logits, the explain ensemble for cams too.
+        # Only what is asked for is copied back: classification asks for logits, the explain ensemble for cams too.
         wanted = [[n for n in self.outputs if n in r.requested_output_names()] or self.outputs[:1] for r in requests]
         names = [n for n in self.outputs if any(n in w for w in wanted)]
         with self.lock:
