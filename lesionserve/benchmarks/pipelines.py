@@ -24,8 +24,12 @@ from lesionserve.views import make_views
 
 
 def onnx_sessions(artifacts: Path, threads: int, backbones: Sequence[str] = LESION_ENSEMBLE.member_names) -> dict[str, ort.InferenceSession]:
-    """One session per backbone over ``<artifacts>/<backbone>/model.onnx``, configured as served."""
-    return {name: make_session(Path(artifacts) / name / "model.onnx", threads) for name in backbones}
+    """One session per backbone over ``<artifacts>/<backbone>/model.onnx``, configured as served for
+    classification (the graph pruned to its logits)."""
+    from lesionserve.spec import BACKBONE_OUTPUT
+
+    return {name: make_session(Path(artifacts) / name / "model.onnx", threads, outputs=[BACKBONE_OUTPUT])
+            for name in backbones}
 
 
 def input_size(session: ort.InferenceSession) -> int:
