@@ -101,6 +101,18 @@ class TorchBackbone:
         parts = [self._replay(x[start : start + largest]) for start in range(0, x.shape[0], largest)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    @torch.inference_mode()
+    def explain(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, cams) of N x 3 x S x S images, float32 on ``device``: lesionserve.explain's closed
+        form, run eagerly (explanations are rarer than classifications; no graphs are captured for them)."""
+        from lesionserve.explain import explained
+
+        x = x.to(self.device) if is_torch(x) else to_torch(np.asarray(x), str(self.device))
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.input_size, self.input_size):
+            raise ValueError(f"expected N x 3 x {self.input_size} x {self.input_size} images, got {tuple(x.shape)}")
+        logits, cams = explained(self.model)(x.to(self.dtype).contiguous(memory_format=self.memory_format))
+        return logits.to(torch.float32), cams.to(torch.float32)
+
     def _replay(self, chunk: torch.Tensor) -> torch.Tensor:
         rows = chunk.shape[0]
         graph, static_in, static_out = self.graphs[bucket_for(rows, self.buckets)]

@@ -34,19 +34,19 @@ class TritonPythonModel:
         if name != config["name"]:
             raise pb_utils.TritonModelException(f"model {config['name']!r}: {path} holds {name} weights")
         self.input_name = config["input"][0]["name"]
-        self.output_name = config["output"][0]["name"]
+        self.outputs = [o["name"] for o in config["output"]]
 
     def execute(self, requests):
-        for r in requests:
-            if any(n != self.output_name for n in r.requested_output_names()):
-                # Not built yet: CUDA graphs of the explained model (lesionserve.explain.explained).
-                return [pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    "the torch runtime (gpu_torch) serves logits only; explanations need the CPU variant"))
-                    for _ in requests]
         # Dynamic batching hands over several requests: one forward pass, then one slice per request.
         inputs = [read(r, self.input_name, self.device or "cpu") for r in requests]
-        logits = self.runner(torch.cat(inputs))
-        parts = torch.split(logits, [len(x) for x in inputs])
-        responses = [pb_utils.InferenceResponse(output_tensors=[write(self.output_name, p)]) for p in parts]
+        wanted = [[n for n in self.outputs if n in r.requested_output_names()] or self.outputs[:1] for r in requests]
+        x = torch.cat(inputs)
+        if any(len(w) > 1 for w in wanted):  # an explanation asked for cams: the eager explained model
+            results = dict(zip(self.outputs, self.runner.explain(x)))
+        else:
+            results = {self.outputs[0]: self.runner(x)}
+        parts = {n: torch.split(v, [len(i) for i in inputs]) for n, v in results.items()}
+        responses = [pb_utils.InferenceResponse(output_tensors=[write(n, parts[n][i]) for n in w])
+                     for i, w in enumerate(wanted)]
         synchronize(self.device)
         return responses

@@ -46,7 +46,14 @@ def test_torch_backbones_match_reference_within_1e4_when_run_on_cpu(artifacts, t
     with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=240) as server:
         with LesionClient(server.grpc_url) as client:
             results = client.classify(blobs)
+            maps = client.classify(blobs[:3], explain=True, explain_method="gradcampp")
     assert_parity(results, reference_t1.run(blobs))
+    from lesionserve.reference import explain
+
+    _, want = explain(reference_t1, blobs[:3], "gradcampp")
+    worst = max(float(np.abs(r.heatmap - m).max()) for r, m in zip(maps, want.maps))
+    print(f"gpu_torch members on CPU: max |served - reference| Grad-CAM++ heatmap = {worst:.2e}")
+    assert worst <= 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: the gpu_torch variant needs an NVIDIA GPU")

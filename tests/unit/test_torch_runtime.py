@@ -81,3 +81,21 @@ def test_torch_backbone_graphs_match_fp32_eager_when_batches_straddle_buckets():
     again = runner(x).cpu().numpy()
     np.testing.assert_array_equal(first, again)  # results never alias the graphs' static buffers
     compare_logits(expected, first).check("FP16 CUDA graphs vs FP32 eager")
+
+
+def test_torch_backbone_explains_as_the_exported_closed_form_when_run_on_cpu():
+    from lesionserve.explain import explained
+
+    torch.manual_seed(0)
+    model = create_backbone("resnet50").eval()
+    x = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    runner = TorchBackbone(model, 64, device="cpu", half=False, cuda_graphs=False)
+    logits, cams = runner.explain(x)
+    with torch.no_grad():
+        want_logits, want_cams = explained(model)(torch.from_numpy(x))
+    assert cams.shape == (3, 2, 7, 2, 2) and cams.dtype == torch.float32
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cams, want_cams, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, runner(x), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="expected N x 3 x 64 x 64 images"):
+        runner.explain(np.zeros((1, 3, 32, 32), np.float32))
