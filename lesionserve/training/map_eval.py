@@ -22,8 +22,9 @@ next to two maps that know nothing of the image:
 
 Writes ``report.md``, ``maps_eval.json``, ``per_image.csv`` and ``localisation.png`` (the table as
 bars with 95% bootstrap intervals, no image in it) to ``--out``; with ``--cases K`` also the K best
-and K worst images of each set (by the fused Grad-CAM's mass inside) as overlays with the mask's
-outline, under ``--out``/cases. Those are drawn on real images: keep ``--out`` outside the
+and K worst images of each set as overlays with the mask's outline, under ``--out``/cases, ranked
+by the fused Grad-CAM's mass inside *minus the mask's area* (its gain over the uniform map: by mass
+alone the "best" would be the images whose lesion fills the frame). Those are drawn on real images: keep ``--out`` outside the
 repository (the default is under ``runs/``, which git ignores).
 
 What the numbers mean: a CAM shows where the evidence for one class lies; it is not a segmentation,
@@ -280,8 +281,9 @@ def write_per_image(path: Path, scored: Sequence[ScoredImage]) -> None:
 
 def write_cases(out: Path, items: Mapping[str, MaskedSample], scored: Sequence[ScoredImage],
                 maps: Mapping[str, Mapping[str, np.ndarray]], k: int) -> list[Path]:
-    """The k best and k worst images per dataset (fused Grad-CAM's mass inside) as overlays with
-    the mask's outline (green), named by rank and score."""
+    """The k best and k worst images per dataset as overlays with the mask's outline (green), ranked
+    by the fused Grad-CAM's gain over the uniform map (mass inside minus mask area), named by rank,
+    truth and that gain."""
     import cv2
 
     from lesionserve.explain import overlay
@@ -290,7 +292,8 @@ def write_cases(out: Path, items: Mapping[str, MaskedSample], scored: Sequence[S
     method = next(iter(scored[0].scores))
     written = []
     for dataset in dict.fromkeys(r.dataset for r in scored):
-        rows = sorted((r for r in scored if r.dataset == dataset), key=lambda r: r.scores[method][FUSED]["mass"])
+        gain = lambda r: r.scores[method][FUSED]["mass"] - r.area  # noqa: E731
+        rows = sorted((r for r in scored if r.dataset == dataset), key=gain)
         for tag, chosen in (("worst", rows[:k]), ("best", rows[::-1][:k])):
             for rank, r in enumerate(chosen, start=1):
                 item = items[r.image]
@@ -299,8 +302,7 @@ def write_cases(out: Path, items: Mapping[str, MaskedSample], scored: Sequence[S
                 contours, _ = cv2.findContours(read_mask(item.mask_path).astype(np.uint8), cv2.RETR_EXTERNAL,
                                                cv2.CHAIN_APPROX_NONE)
                 cv2.drawContours(picture, contours, -1, (0, 255, 0), max(1, min(picture.shape[:2]) // 200))
-                target = out / "cases" / dataset / (f"{tag}{rank:02d}_{r.image}_truth-{r.label}_mass"
-                                                    f"{r.scores[method][FUSED]['mass']:.2f}.png")
+                target = out / "cases" / dataset / f"{tag}{rank:02d}_{r.image}_truth-{r.label}_gain{gain(r):+.2f}.png"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(target), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
                 written.append(target)
