@@ -1,0 +1,87 @@
+"""From a segmenter's probability map to a lesion, as ISIC 2018 Task 1 defines one.
+
+A challenge mask is one contiguous lesion without holes, so the prediction is thresholded, resized
+to the original image, reduced to its largest connected component and hole-filled; the box is that
+component's bounding rectangle in original pixel coordinates. An image where nothing passes the
+threshold is *not found*: it gets an empty mask, no box and a flag, never a silent empty box.
+These plain functions are what the reference pipeline and the served post-processing step run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Probability above which a pixel is lesion (strictly greater, like the classification thresholds).
+MASK_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One image's segmentation: mask (H x W bool, original size), box (x0, y0, x1, y1: inclusive
+    first and exclusive last pixel, original coordinates; all -1 when not found), the mask's area
+    as a fraction of the image, and whether a lesion was found."""
+
+    mask: np.ndarray
+    box: tuple[int, int, int, int]
+    area_fraction: float
+    found: bool
+
+
+NO_BOX = (-1, -1, -1, -1)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a bool mask (ties: the first in scan order)."""
+    import cv2
+
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return np.zeros_like(mask, dtype=bool)
+    biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return labels == biggest
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region not connected to the image border filled in."""
+    import cv2
+
+    padded = np.pad(mask.astype(np.uint8), 1)
+    flood = padded.copy()
+    cv2.floodFill(flood, None, (0, 0), 1)  # the background reachable from outside
+    holes = flood == 0
+    return (padded.astype(bool) | holes)[1:-1, 1:-1]
+
+
+def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the True pixels, x1/y1 exclusive; NO_BOX when there are none."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    xs = np.flatnonzero(mask.any(axis=0))
+    if len(xs) == 0:
+        return NO_BOX
+    return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
+
+
+def lesion_from_probabilities(probs: np.ndarray, width: int, height: int, threshold: float = MASK_THRESHOLD) -> Lesion:
+    """S x S lesion probabilities (the segmenter's input geometry) -> the Lesion at width x height.
+
+    The probabilities are resized (bilinear) to the original image before thresholding, so the
+    outline follows the image's pixels, not the network's grid."""
+    import cv2
+
+    if probs.ndim != 2:
+        raise ValueError(f"expected one 2-D probability map, got shape {probs.shape}")
+    full = cv2.resize(probs.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    mask = fill_holes(largest_component(full > threshold))
+    box = bounding_box(mask)
+    found = box != NO_BOX
+    return Lesion(mask, box, float(mask.mean()) if found else 0.0, found)
+
+
+def crop_box(box: tuple[int, int, int, int], width: int, height: int, margin: float) -> tuple[int, int, int, int]:
+    """``box`` grown by ``margin`` times its width and height on every side, kept inside the image."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    x0, y0, x1, y1 = box
+    dx, dy = round((x1 - x0) * margin), round((y1 - y0) * margin)
+    return max(0, x0 - dx), max(0, y0 - dy), min(width, x1 + dx), min(height, y1 + dy)
