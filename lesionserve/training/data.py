@@ -58,6 +58,11 @@ HAM10000_DX: dict[str, str] = {
 }
 
 
+#: ``Sample.label`` of an image without a diagnosis (ISIC 2018 Task 1's segmentation images):
+#: split files write it as an empty label; splits stratify such images as one more group.
+UNKNOWN_LABEL = -1
+
+
 class DatasetError(ValueError):
     """The dataset does not have the expected layout or content. The message says why and where."""
 
@@ -66,6 +71,7 @@ class DatasetError(ValueError):
 class Sample:
     """One labelled image: its file, its class index into ``CLASS_NAMES`` and, when known, its lesion.
 
+    ``label`` is UNKNOWN_LABEL for an image without a diagnosis (segmentation-only sets).
     ``lesion_id`` groups photographs of the same lesion (HAM10000 / ISIC lesion groupings); splits
     must keep a lesion on one side. ``None`` means unknown: the image is its own group.
     """

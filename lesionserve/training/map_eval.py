@@ -106,6 +106,17 @@ def mean_area_fraction(items: Iterable[MaskedSample]) -> tuple[float, int]:
     return float(np.mean(fractions)), len(fractions)
 
 
+def mean_scores(heatmaps: Sequence[np.ndarray], masks: Sequence[np.ndarray], gaussian_area: float) -> dict[str, dict[str, float]]:
+    """Mean mass inside and pointing hit of ``heatmaps`` (any source: the server's, the reference's)
+    and of both baselines, over images with their masks: ``{"maps"|"gaussian"|"uniform": {"mass", "hit"}}``."""
+    rows = []
+    for heat, mask in zip(heatmaps, masks, strict=True):
+        h, w = mask.shape
+        rows.append(score_maps({"maps": heat, "gaussian": centred_gaussian(w, h, gaussian_area),
+                                "uniform": uniform_map(w, h)}, mask))
+    return {k: {m: float(np.mean([r[k][m] for r in rows])) for m in ("mass", "hit")} for k in rows[0]}
+
+
 def bootstrap_mean(values: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float, float]:
     """(mean, 2.5th and 97.5th percentile of the mean over ``n_boot`` resamples of the values)."""
     values = np.asarray(values, np.float64)

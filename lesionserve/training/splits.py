@@ -26,7 +26,7 @@ import numpy as np
 
 from lesionserve import prog
 from lesionserve.spec import CLASS_NAMES
-from lesionserve.training.data import LAYOUTS, DatasetError, Sample, load_dataset
+from lesionserve.training.data import LAYOUTS, UNKNOWN_LABEL, DatasetError, Sample, load_dataset
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 SPLITS_HEADER: tuple[str, ...] = ("split", "image", "path", "label", "lesion_id")
@@ -63,7 +63,7 @@ def _groups_by_class(samples: Sequence[Sample]) -> dict[int, dict[tuple[str, str
     for key, members in groups.items():
         labels = sorted({s.label for s in members})
         if len(labels) > 1:
-            detail = ", ".join(f"{s.image_id}={CLASS_NAMES[s.label]}" for s in sorted(members, key=lambda s: s.image_id))
+            detail = ", ".join(f"{s.image_id}={_label_name(s.label) or 'unknown'}" for s in sorted(members, key=lambda s: s.image_id))
             raise DatasetError(f"lesion {key[1]!r} has images of different classes ({detail}); "
                                "a lesion must have one diagnosis")
         by_class[labels[0]][key] = members
@@ -144,12 +144,18 @@ def write_splits(path: str | Path, splits: Mapping[str, Sequence[Sample]]) -> Pa
         for name in SPLIT_NAMES:
             for s in splits.get(name, ()):
                 # abspath, not resolve: keep symlinked dataset folders as the user named them.
-                writer.writerow([name, s.image_id, os.path.abspath(s.path), CLASS_NAMES[s.label], s.lesion_id or ""])
+                writer.writerow([name, s.image_id, os.path.abspath(s.path), _label_name(s.label), s.lesion_id or ""])
     tmp.replace(path)
     return path
 
 
+def _label_name(label: int) -> str:
+    return "" if label == UNKNOWN_LABEL else CLASS_NAMES[label]
+
+
 def _parse_label(value: str, where: str) -> int:
+    if value == "":
+        return UNKNOWN_LABEL
     if value in CLASS_NAMES:
         return CLASS_NAMES.index(value)
     if value.isdigit() and int(value) < len(CLASS_NAMES):
@@ -247,7 +253,8 @@ def load_or_create_splits(
 def split_summary(splits: Mapping[str, Sequence[Sample]]) -> str:
     """A plain-text table: images per class in each split (with % of the class), totals and lesions."""
     names = [n for n in SPLIT_NAMES if n in splits] + sorted(set(splits) - set(SPLIT_NAMES))
-    counts = {n: np.bincount([s.label for s in splits[n]], minlength=len(CLASS_NAMES)) for n in names}
+    counts = {n: np.bincount([s.label for s in splits[n] if s.label != UNKNOWN_LABEL], minlength=len(CLASS_NAMES))
+              for n in names}
     totals = sum(counts.values()) if names else np.zeros(len(CLASS_NAMES), dtype=int)
     width = 14
     lines = ["class".ljust(7) + "".join(n.rjust(width) for n in names) + "total".rjust(8)]
@@ -257,7 +264,11 @@ def split_summary(splits: Mapping[str, Sequence[Sample]]) -> str:
             share = f"{100 * counts[n][c] / totals[c]:.0f}%" if totals[c] else "-"
             cells.append(f"{counts[n][c]} ({share})".rjust(width))
         lines.append(cls.ljust(7) + "".join(cells) + str(int(totals[c])).rjust(8))
-    grand = int(totals.sum())
+    unknown = {n: sum(s.label == UNKNOWN_LABEL for s in splits[n]) for n in names}
+    if any(unknown.values()):
+        lines.append("unknown".ljust(7) + "".join(str(unknown[n]).rjust(width) for n in names)
+                     + str(sum(unknown.values())).rjust(8) + "   (no diagnosis: segmentation-only images)")
+    grand = int(totals.sum()) + sum(unknown.values())
     cells = [f"{len(splits[n])} ({100 * len(splits[n]) / grand:.0f}%)".rjust(width) if grand else "0".rjust(width)
              for n in names]
     lines.append("total".ljust(7) + "".join(cells) + str(grand).rjust(8))
