@@ -137,6 +137,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("lesionserve.training.evaluate", "score artifacts on a split or on any labelled dataset folder"),
     "explain": ("lesionserve.heatmaps", "Grad-CAM and Grad-CAM++ overlays and a grid, for the ensemble or one checkpoint"),
     "segment-train": ("lesionserve.segmentation.train", "train the lesion segmenter (U-Net, ResNet34 encoder; seed 004's recipe)"),
+    "segment-evaluate": ("lesionserve.segmentation.evaluate", "score segmenter checkpoints: Jaccard, Task 1 thresholded Jaccard, Dice"),
     "evaluate-maps": ("lesionserve.training.map_eval", "score heatmaps against lesion masks (mass inside, pointing game, baselines)"),
     "export": ("lesionserve.export.onnx_export", "export a checkpoint to ONNX, checked against PyTorch"),
     "random-artifacts": ("lesionserve.export.random_artifacts", "servable random-weight artifacts for any pipeline"),

@@ -193,14 +193,23 @@ def test_recipe_refuses_unknown_keys_bad_loss_and_sizes():
     assert resolve({"data": "d", "out": "o"})["freeze_bn"] is False  # auto: only with --pretrained
 
 
-def test_training_runs_every_phase_saves_the_best_at_the_last_size_and_resumes(synthetic, tmp_path):
-    from lesionserve.segmentation.model import load_segmenter
+@pytest.fixture(scope="module")
+def trained(synthetic, tmp_path_factory):
+    """A segmenter trained for a few steps at 32 then 64 px on the synthetic lesions."""
     from lesionserve.segmentation.train import main
 
-    out = tmp_path / "seg" / "segmenter"
+    out = tmp_path_factory.mktemp("trained") / "seg" / "segmenter"
     argv = ["--data", str(synthetic.root), "--out", str(out), "--sizes", "32", "64", "--frozen-epochs", "1",
             "--unfrozen-epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "2", "--loss", "bce_dice"]
     assert main(argv) == 0
+    return out, argv
+
+
+def test_training_runs_every_phase_saves_the_best_at_the_last_size_and_resumes(trained, tmp_path):
+    from lesionserve.segmentation.model import load_segmenter
+    from lesionserve.segmentation.train import main
+
+    out, argv = trained
     metrics = json.loads((out / "metrics.json").read_text())
     assert [(h["size"], h["frozen"]) for h in metrics["history"]] == [(32, True), (32, False), (64, True), (64, False)]
     assert metrics["best"]["size"] == 64 and (out / "curves.png").is_file() and (out / "last.pt").is_file()
@@ -211,9 +220,28 @@ def test_training_runs_every_phase_saves_the_best_at_the_last_size_and_resumes(s
     state.update(phase=1, epoch=0, history=state["history"][:1], best=None)
     state.pop("optimizer", None), state.pop("schedule", None)
     torch.save(state, tmp_path / "after_phase1.pt")
-    assert main(argv + ["--resume", str(tmp_path / "after_phase1.pt")]) == 0
-    again = json.loads((out / "metrics.json").read_text())
+    other = tmp_path / "resumed"
+    argv = [a if a != str(out) else str(other) for a in argv]
+    assert main(argv + ["--resume", str(tmp_path / "after_phase1.pt"), "--splits", str(out.parent / "splits.csv")]) == 0
+    again = json.loads((other / "metrics.json").read_text())
     assert len(again["history"]) == 4 and again["history"][0] == metrics["history"][0]
+
+
+def test_evaluate_scores_the_checkpoints_test_split_with_task1_metrics(trained, synthetic, tmp_path):
+    from lesionserve.segmentation.evaluate import main
+    from lesionserve.training.splits import read_splits
+
+    out, _ = trained
+    report = tmp_path / "eval"
+    argv = ["--checkpoint", str(out / "checkpoint.pt"), str(out / "checkpoint.pt"), "--data", str(synthetic.root),
+            "--out", str(report), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads((report / "metrics.json").read_text())
+    test = read_splits(out.parent / "splits.csv")["test"]
+    s = result["summary"]["test split"]
+    assert s["images"] == len(test) and 0 <= s["thresholded_jaccard"] <= s["jaccard"] <= 1
+    assert "| test split |" in (report / "report.md").read_text() and (report / "iou_hist.png").is_file()
+    assert main(["--checkpoint", str(out / "checkpoint.pt")]) == 2
 
 
 def test_pretrained_encoder_loads_strictly_and_names_what_does_not_fit(tmp_path):
