@@ -140,6 +140,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment-evaluate": ("lesionserve.segmentation.evaluate", "score segmenter checkpoints: Jaccard, Task 1 thresholded Jaccard, Dice"),
     "evaluate-maps": ("lesionserve.training.map_eval", "score heatmaps against lesion masks (mass inside, pointing game, baselines)"),
     "export": ("lesionserve.export.onnx_export", "export a checkpoint to ONNX, checked against PyTorch"),
+    "export-segmenter": ("lesionserve.export.segmenter_export", "export a segmenter checkpoint to ONNX, checked against PyTorch"),
     "random-artifacts": ("lesionserve.export.random_artifacts", "servable random-weight artifacts for any pipeline"),
     "repository": ("lesionserve.repository", "generate (or --check) the model repository from the pipeline declarations"),
     "assemble": ("lesionserve.export.assemble", "place exported weights and calibration into a repository"),

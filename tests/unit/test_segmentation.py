@@ -257,3 +257,21 @@ def test_pretrained_encoder_loads_strictly_and_names_what_does_not_fit(tmp_path)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pt")
     with pytest.raises(ValueError, match="does not fit the ResNetEncoder encoder: missing"):
         load_pretrained_encoder(model, tmp_path / "r18.pt")
+
+
+def test_export_writes_an_onnx_segmenter_equal_to_pytorch_and_refuses_a_disagreeing_one(trained, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from lesionserve.export import segmenter_export
+    from lesionserve.export.segmenter_export import SegmenterExportError, export_segmenter
+
+    out, _ = trained
+    report = export_segmenter(out / "checkpoint.pt", tmp_path / "model.onnx")
+    assert report.input_size == 64 and report.max_abs_diff <= 1e-3 and report.mask_agreement >= 0.999
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["mask_logits"]
+    assert session.run(None, {"pixel_values": np.zeros((5, 3, 64, 64), np.float32)})[0].shape == (5, 1, 64, 64)
+    monkeypatch.setattr(segmenter_export, "MIN_MASK_AGREEMENT", 1.01)  # an impossible bar: the check must bite
+    with pytest.raises(SegmenterExportError, match="masks agree on"):
+        export_segmenter(out / "checkpoint.pt", tmp_path / "refused.onnx")
+    assert not (tmp_path / "refused.onnx").exists() and not (tmp_path / "refused.onnx.tmp").exists()
