@@ -24,6 +24,7 @@ from lesionserve import PROJECT_ROOT
 from lesionserve.explain import CAM_METHODS, CAMS_OUTPUT
 from lesionserve.pipelines import PIPELINES, EnsemblePipeline, Member
 from lesionserve.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from lesionserve.segmentation.spec import SegmentationPipeline
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, GPU_VARIANTS, TENSORRT_OPT_BATCH, check_views
 
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
@@ -391,6 +392,82 @@ def render_pipeline(p: EnsemblePipeline) -> dict[str, str]:
     return files
 
 
+def segmenter_config(p: "SegmentationPipeline") -> str:
+    """The segmenter: ONNX Runtime in the python backend (the backbones' code), CPU only so far."""
+    from lesionserve.segmentation.spec import SEGMENTER_INPUT, SEGMENTER_OUTPUT
+
+    s, seg = p.size, p.segmenter
+    return (
+        "# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py). GPU variants\n"
+        "# are not generated for the segmenter yet: a GPU host serves it on the CPU instance below.\n"
+        f"# {seg.name}: U-Net with a {seg.encoder} encoder (segmentation_models_pytorch) at {s} px, "
+        f"{seg.normalization.name} normalisation; mask_logits: lesion logits on the input grid.\n"
+        f'name: "{seg.name}"\nbackend: "python"\nmax_batch_size: {p.max_batch_size}\n'
+        + _tensors("input", [_tensor(SEGMENTER_INPUT, "TYPE_FP32", (3, s, s))])
+        + _tensors("output", [_tensor(SEGMENTER_OUTPUT, "TYPE_FP32", (1, s, s))])
+        + f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[None]}\n}}\n"
+        + _param("intra_op_threads", CPU_INTRA_OP_THREADS) + _param("allow_spinning", 0)
+        + _param("core_lock", "backbones") + _param("run_batch", CPU_RUN_BATCH)
+        + _instances(None)
+    )
+
+
+def segment_post_config(p: "SegmentationPipeline") -> str:
+    from lesionserve.segmentation.spec import SEGMENTER_OUTPUT
+
+    s = p.size
+    return (
+        "# Segmenter logits -> per image its lesion as ISIC 2018 Task 1 defines one (lesionserve/segmentation/\n"
+        "# postprocess.py): probabilities resized to image_size, > threshold, largest component, holes filled.\n"
+        "# mask: that image's mask in the top-left image_size corner of a request-wide canvas (uint8 0/1);\n"
+        "# box: x0, y0, x1 (exclusive), y1 (exclusive) in original pixels, -1s when not found; area: the\n"
+        "# mask's share of the image; found: false when no pixel passes (never a silent empty box).\n"
+        + _head(p.step("post"), "python", 0)
+        + _tensors("input", [_tensor(SEGMENTER_OUTPUT, "TYPE_FP32", (-1, 1, s, s)), _tensor("image_size", "TYPE_INT32", (-1, 2)),
+                             _tensor("error", "TYPE_STRING", (-1, 1))])
+        + _tensors("output", [_tensor("mask", "TYPE_UINT8", (-1, -1, -1)), _tensor("box", "TYPE_INT32", (-1, 4)),
+                              _tensor("area", "TYPE_FP32", (-1, 1)), _tensor("found", "TYPE_BOOL", (-1, 1))])
+        + _param("threshold", p.segmenter.threshold) + _instances(None)
+    )
+
+
+def segment_ensemble_config(p: "SegmentationPipeline") -> str:
+    from lesionserve.segmentation.spec import SEGMENTER_INPUT, SEGMENTER_OUTPUT
+
+    key = f"pixel_values_{p.preprocessing.key}"
+    steps = [
+        _step(p.step("preprocess"), [("raw_image", "raw_image")], [(key, key), ("error", "error"), ("image_size", "image_size")]),
+        _step(p.step("segmenter"), [(SEGMENTER_INPUT, key)], [(SEGMENTER_OUTPUT, SEGMENTER_OUTPUT)]),
+        _step(p.step("post"), [(SEGMENTER_OUTPUT, SEGMENTER_OUTPUT), ("image_size", "image_size"), ("error", "error")],
+              [(k, k) for k in ("mask", "box", "area", "found")]),
+    ]
+    return (
+        f"# Pipeline {p.name}: {p.description}.\n"
+        "# Encoded images in; per image mask (its height x width in the top-left of the canvas), box, area,\n"
+        "# found, image_size and error (empty, or why that image could not be read; its row is then not found).\n"
+        f'name: "{p.name}"\nplatform: "ensemble"\nmax_batch_size: {p.max_batch_size}\n'
+        + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,))])
+        + _tensors("output", [_tensor("mask", "TYPE_UINT8", (-1, -1)), _tensor("box", "TYPE_INT32", (4,)),
+                              _tensor("area", "TYPE_FP32", (1,)), _tensor("found", "TYPE_BOOL", (1,)),
+                              _tensor("image_size", "TYPE_INT32", (2,)), _tensor("error", "TYPE_STRING", (1,))])
+        + _param("segmenter", p.segmenter.name) + _param("input_size", p.size)
+        + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+    )
+
+
+def render_segmentation(p: "SegmentationPipeline") -> dict[str, str]:
+    """Relative path -> content of every generated file of a segmentation pipeline."""
+    pre = p.step("preprocess")
+    return {
+        f"{pre}/config.pbtxt": preprocess_config(p, None), f"{pre}/1/model.py": model_py("preprocess", STEP_CODE["preprocess"][2]),
+        f"{p.segmenter.name}/config.pbtxt": segmenter_config(p),
+        f"{p.segmenter.name}/1/model.py": model_py("onnx_backbone", f"segmenter {p.segmenter.name}: ONNX Runtime on model.onnx"),
+        f"{p.step('post')}/config.pbtxt": segment_post_config(p),
+        f"{p.step('post')}/1/model.py": model_py("segment_post", "segmenter logits -> mask, box, area, found per image"),
+        f"{p.name}/config.pbtxt": segment_ensemble_config(p), f"{p.name}/1/.gitkeep": "",
+    }
+
+
 def render_repository(pipelines: Sequence[EnsemblePipeline] = tuple(PIPELINES.values())) -> dict[str, str]:
     """Relative path -> content for every pipeline; two pipelines may not declare one model name."""
     files: dict[str, str] = {}
@@ -401,7 +478,7 @@ def render_repository(pipelines: Sequence[EnsemblePipeline] = tuple(PIPELINES.va
                 raise ValueError(f"model {model!r} is declared by pipelines {owner[model]!r} and {p.name!r}; "
                                  "give members unique names or the pipeline a step_prefix")
             owner[model] = p.name
-        files.update(render_pipeline(p))
+        files.update(render_segmentation(p) if isinstance(p, SegmentationPipeline) else render_pipeline(p))
     return files
 
 

@@ -17,7 +17,7 @@ from .errors import (
     ServerUnavailableError,
     UndecodableImageError,
 )
-from .results import LesionResult
+from .results import LesionResult, SegmentationResult
 
 __version__ = "0.2.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "LesionClient",
     "LesionResult",
     "LesionServeError",
+    "SegmentationResult",
     "ModelConfigError",
     "ModelInfo",
     "RequestTimeoutError",

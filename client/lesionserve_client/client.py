@@ -22,13 +22,15 @@ from tritonclient.utils import InferenceServerException
 from .config import ModelInfo, parse_model_config
 from .encoding import ImageInput, to_image_bytes
 from .errors import ImageError, InvalidImageError, ServerError, ServerUnavailableError, UndecodableImageError, map_server_error
-from .results import OUTPUT_NAMES, LesionResult, parse_response
+from .results import OUTPUT_NAMES, SEGMENT_OUTPUTS, LesionResult, SegmentationResult, parse_response, parse_segmentation
 
 #: Explanation methods the ``<model>_explain`` ensemble serves (lesionserve.explain.CAM_METHODS).
 EXPLAIN_METHODS: tuple[str, ...] = ("gradcam", "gradcampp")
 DEFAULT_URL = "localhost:8001"
 DEFAULT_MODEL = "lesion_ensemble"
 INPUT_NAME = "raw_image"
+#: The segmentation ensemble (lesionserve.segmentation.spec.LESION_SEGMENT).
+SEGMENT_MODEL = "lesion_segment"
 DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF = 0.5
 DEFAULT_MAX_BACKOFF = 4.0
@@ -331,6 +333,41 @@ class LesionClient:
                 if isinstance(row, UndecodableImageError):
                     raise row
         return rows
+
+    def segment(self, images: Sequence[ImageInput], partial: bool = False, *,
+                model_name: str = SEGMENT_MODEL) -> list[Union[SegmentationResult, ImageError]]:
+        """The lesion of each image: a SegmentationResult (mask at the image's size, box, area
+        fraction, found flag) per image, in input order, from the segmentation ensemble.
+
+        Bad input behaves as in ``classify``: without ``partial`` the first unusable or undecodable
+        image is raised (InvalidImageError before anything is sent); with it, the error object takes
+        that image's place. Images go in requests of up to the ensemble's max_batch_size.
+        """
+        if isinstance(images, (str, bytes, bytearray, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
+            raise TypeError("segment() takes a sequence of images; wrap a single image in a list")
+        if self._closed:
+            raise RuntimeError("LesionClient is closed")
+        out: list[Union[SegmentationResult, ImageError, None]] = [None] * len(images)
+        items: list[tuple[int, bytes]] = []
+        for index, image in enumerate(images):
+            try:
+                items.append((index, to_image_bytes(image, index)))
+            except InvalidImageError as exc:
+                if not partial:
+                    raise
+                out[index] = exc
+        size = self.max_images_per_request or 8
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
+            tensor = InferInput(INPUT_NAME, [len(chunk), 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[blob] for _, blob in chunk], dtype=np.object_))
+            response = self._call(self._client.infer, model_name, inputs=[tensor],
+                                  outputs=[InferRequestedOutput(name) for name in SEGMENT_OUTPUTS])
+            for (index, _), row in zip(chunk, parse_segmentation(response, [i for i, _ in chunk])):
+                if isinstance(row, UndecodableImageError) and not partial:
+                    raise row
+                out[index] = row
+        return out  # type: ignore[return-value]  # every slot is filled above
 
     def backoff_delays(self) -> list[float]:
         """Seconds waited before each retry: ``backoff`` doubling up to ``max_backoff``."""

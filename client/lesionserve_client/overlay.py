@@ -50,3 +50,33 @@ def draw_overlay(image: Any, heatmap: np.ndarray, caption: str) -> np.ndarray:
     draw.rectangle((0, 0, right + 4, bottom + 4), fill=(0, 0, 0))
     draw.text((4, 4), caption, fill=(255, 255, 255))
     return np.asarray(canvas)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The mask's boundary pixels (inside pixels with a 4-neighbour outside), 2 px thick."""
+    m = np.pad(mask.astype(bool), 1)
+    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    edge = mask.astype(bool) & ~inner
+    grown = np.pad(edge, 1)
+    return edge | grown[:-2, 1:-1] | grown[2:, 1:-1] | grown[1:-1, :-2] | grown[1:-1, 2:]
+
+
+def draw_segmentation(image: Any, mask: np.ndarray, box: Any, caption: str) -> np.ndarray:
+    """HxWx3 uint8 RGB: ``image`` with the mask's outline in green, ``box`` (x0, y0, x1, y1, or None)
+    in yellow and ``caption`` in the top-left corner."""
+    from PIL import Image, ImageDraw
+
+    rgb = _rgb(image)
+    if mask.shape != rgb.shape[:2]:
+        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]}, the image {rgb.shape[1]}x{rgb.shape[0]}")
+    out = rgb.copy()
+    out[_outline(mask)] = (0, 255, 0)
+    canvas = Image.fromarray(out)
+    draw = ImageDraw.Draw(canvas)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 220, 0), width=2)
+    left, top, right, bottom = draw.textbbox((4, 4), caption)
+    draw.rectangle((0, 0, right + 4, bottom + 4), fill=(0, 0, 0))
+    draw.text((4, 4), caption, fill=(255, 255, 255))
+    return np.asarray(canvas)

@@ -123,3 +123,57 @@ def parse_response(
             )
         )
     return results
+
+
+#: Outputs of the segmentation ensemble (lesion_segment).
+SEGMENT_OUTPUTS: tuple[str, ...] = ("mask", "box", "area", "found", "image_size", ERROR_OUTPUT)
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """The lesion of one image, as ISIC 2018 Task 1 defines one (one region, no holes).
+
+    ``mask``: H x W bool at the image's own size. ``box``: (x0, y0, x1, y1) in the image's pixels,
+    x1 and y1 exclusive, or None when ``found`` is False (nothing passed the threshold; the mask is
+    then empty). ``area_fraction``: the mask's share of the image.
+    """
+
+    mask: np.ndarray = field(compare=False, repr=False)
+    box: Optional[tuple[int, int, int, int]]
+    area_fraction: float
+    found: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"found": self.found, "box": list(self.box) if self.box else None,
+                "area_fraction": self.area_fraction, "mask_shape": list(self.mask.shape)}
+
+    def overlay(self, image: Any) -> np.ndarray:
+        """The image with the mask's outline (green) and the box (yellow): HxWx3 uint8 RGB. Needs Pillow."""
+        from .overlay import draw_segmentation
+
+        return draw_segmentation(image, self.mask, self.box,
+                                 f"lesion {self.area_fraction:.0%} of image" if self.found else "no lesion found")
+
+
+def parse_segmentation(result: InferResult, indices: Sequence[int]) -> list[Union[SegmentationResult, UndecodableImageError]]:
+    """One SegmentationResult (or UndecodableImageError for a row whose ``error`` is non-empty) per row."""
+    count = len(indices)
+    masks = result.as_numpy("mask")
+    if masks is None or masks.ndim != 3 or len(masks) != count:
+        raise ServerError(f"segmentation response has no mask per image (got {None if masks is None else masks.shape})")
+    boxes = _output(result, "box", (count, 4))
+    areas = _output(result, "area", (count, 1))
+    found = _output(result, "found", (count, 1)).astype(bool)
+    sizes = _output(result, "image_size", (count, 2))
+    errors = _output(result, ERROR_OUTPUT, (count, 1))
+    out: list[Union[SegmentationResult, UndecodableImageError]] = []
+    for row, index in enumerate(indices):
+        error = _text(errors[row, 0])
+        if error:
+            out.append(UndecodableImageError(index, error))
+            continue
+        width, height = (int(v) for v in sizes[row])
+        hit = bool(found[row, 0])
+        out.append(SegmentationResult(masks[row, :height, :width].astype(bool), tuple(int(v) for v in boxes[row]) if hit else None,
+                                      _to_float(areas[row, 0]), hit))
+    return out

@@ -31,6 +31,7 @@ from lesionserve.explain import CAMS_OUTPUT
 from lesionserve.export.checks import NORMALIZATION_KEY
 from lesionserve.pipelines import LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, Member, get_pipeline
 from lesionserve.repository import DEFAULT_REPOSITORY, check_repository, write_repository
+from lesionserve.segmentation.spec import SegmentationPipeline
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, check_views
 
 
@@ -39,7 +40,10 @@ class AssembleError(RuntimeError):
 
 
 def artifact_files(artifacts: Path, pipeline: EnsemblePipeline = LESION_ENSEMBLE, checkpoints: bool = False) -> dict[Path, list[str]]:
-    """Source file -> destination paths (relative to the repository) for one pipeline's artifacts folder."""
+    """Source file -> destination paths (relative to the repository) for one pipeline's artifacts folder
+    (a segmentation pipeline's: the segmenter's folder, ``model.onnx`` from ``export-segmenter``)."""
+    if isinstance(pipeline, SegmentationPipeline):
+        return {artifacts / "model.onnx": [f"{pipeline.segmenter.name}/1/model.onnx"]}
     files = {artifacts / m / "model.onnx": [f"{m}/1/model.onnx"] for m in pipeline.member_names}
     roles = ("fusion", "threshold", "heatmap") if pipeline.explainable else ("fusion", "threshold")
     files[artifacts / "calibration.json"] = [f"{pipeline.step(r)}/1/calibration.json" for r in roles]
@@ -91,6 +95,32 @@ def check_onnx(member: str | Member, path: Path) -> tuple[int | None, list[str]]
     return int(dims[2]), problems
 
 
+def segmenter_input_size(path: Path, pipeline: SegmentationPipeline) -> int:
+    """The side S of a segmenter ONNX file (``pixel_values`` [batch, 3, S, S] -> ``mask_logits``,
+    trained with the declared statistics); AssembleError naming every problem."""
+    from lesionserve.segmentation.spec import SEGMENTER_INPUT, SEGMENTER_OUTPUT
+
+    try:
+        name, dims, outputs, meta = onnx_signature(path)
+    except Exception as exc:  # any parse failure means the file is not a usable ONNX model
+        raise AssembleError(f"{path}: not a readable ONNX model ({exc})") from None
+    problems = []
+    if (name, outputs[:1]) != (SEGMENTER_INPUT, [SEGMENTER_OUTPUT]):
+        problems.append(f"{path}: tensors are {name!r} -> {outputs}, expected {SEGMENTER_INPUT!r} -> [{SEGMENTER_OUTPUT!r}] "
+                        "(export it with `lesionserve export-segmenter`)")
+    declared = pipeline.segmenter.normalization
+    trained = meta.get(NORMALIZATION_KEY)
+    if trained is not None and Normalization.from_parameter(declared.name, trained) != declared:
+        problems.append(f"{path} was trained with normalisation {trained!r}; {pipeline.segmenter.name} is declared with "
+                        f"{declared.name}")
+    square = len(dims) == 4 and dims[1] == 3 and isinstance(dims[2], int) and dims[2] == dims[3] and not isinstance(dims[0], int)
+    if not square:
+        problems.append(f"{path}: input shape {dims}; the segmenter takes [batch, 3, S, S] with a symbolic batch axis")
+    if problems:
+        raise AssembleError(f"segmenter artifacts of {pipeline.name} do not fit the model repository:\n  " + "\n  ".join(problems))
+    return int(dims[2])
+
+
 def _atomic_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
@@ -140,6 +170,8 @@ def served_pipeline(pipeline: EnsemblePipeline, artifacts: Path, views: int | No
     missing = [str(src) for src in artifact_files(artifacts, pipeline, checkpoints) if not src.is_file()]
     if missing:
         raise AssembleError(f"missing artifacts of {pipeline.name} (train, calibrate and export first):\n  " + "\n  ".join(missing))
+    if isinstance(pipeline, SegmentationPipeline):
+        return pipeline.with_input_size(segmenter_input_size(artifacts / "model.onnx", pipeline))
     served = pipeline.with_input_sizes(served_input_sizes(artifacts, pipeline, checkpoints))
     try:  # refuse a malformed or foreign file before serving it
         Calibration.load(artifacts / "calibration.json").check(pipeline.member_names, pipeline.class_names)

@@ -60,3 +60,51 @@ class Segmenter:
 SEGMENTER = Segmenter()
 #: Its progressive resizing: trained at each size in turn, served at the last.
 SIZES: tuple[int, ...] = (128, 256)
+
+
+@dataclass(frozen=True)
+class SegmentationPipeline:
+    """A served segmentation pipeline: encoded images in; per image the lesion mask at the image's
+    size, its bounding box, its area fraction and whether a lesion was found (``postprocess``).
+
+    Steps: ``<name>_preprocess`` (the classifiers' preprocess model, one input), the segmenter
+    (``segmenter.name``: ONNX Runtime like the backbones), ``<name>_post`` (post-processing).
+    """
+
+    name: str = "lesion_segment"
+    segmenter: Segmenter = SEGMENTER
+    input_size: int | None = None  # None: the segmenter's own; a model trained at another size is served at it
+    max_batch_size: int = 8
+    description: str = "U-Net (ResNet34 encoder) lesion segmentation, post-processed as ISIC 2018 Task 1 defines a lesion"
+
+    @property
+    def size(self) -> int:
+        return self.input_size or self.segmenter.input_size
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.segmenter.preprocessing(self.size)
+
+    @property
+    def preprocessings(self) -> tuple[Preprocessing, ...]:
+        return (self.preprocessing,)
+
+    def step(self, role: str) -> str:
+        """Model name of a step: ``preprocess``, ``segmenter`` or ``post``."""
+        names = {"preprocess": f"{self.name}_preprocess", "segmenter": self.segmenter.name, "post": f"{self.name}_post"}
+        if role not in names:
+            raise ValueError(f"unknown step role {role!r}; roles: {', '.join(names)}")
+        return names[role]
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.step("preprocess"), self.step("segmenter"), self.step("post"), self.name)
+
+    def with_input_size(self, size: int) -> "SegmentationPipeline":
+        from dataclasses import replace
+
+        return replace(self, input_size=None if size == self.segmenter.input_size else int(size))
+
+
+#: The served segmentation pipeline.
+LESION_SEGMENT = SegmentationPipeline()

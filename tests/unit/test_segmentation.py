@@ -275,3 +275,16 @@ def test_export_writes_an_onnx_segmenter_equal_to_pytorch_and_refuses_a_disagree
     with pytest.raises(SegmenterExportError, match="masks agree on"):
         export_segmenter(out / "checkpoint.pt", tmp_path / "refused.onnx")
     assert not (tmp_path / "refused.onnx").exists() and not (tmp_path / "refused.onnx.tmp").exists()
+
+
+def test_lesions_of_a_batch_pad_masks_per_request_and_leave_failed_rows_not_found():
+    from lesionserve.segmentation.postprocess import lesions_of_batch
+
+    logits = np.full((3, 1, 32, 32), -5.0, np.float32)
+    logits[0, 0, 8:24, 8:24] = 5.0
+    logits[1, 0] = 5.0  # a failed row: whatever its logits say, nothing is found
+    out = lesions_of_batch(logits, np.array([[64, 48], [10, 10], [20, 30]]), ["", "bad image", ""])
+    assert out["mask"].shape == (3, 48, 64) and out["mask"].dtype == np.uint8
+    assert out["found"][:, 0].tolist() == [True, False, False]
+    assert out["box"][1].tolist() == [-1, -1, -1, -1] and not out["mask"][1].any()
+    assert out["mask"][0, :48, :64].sum() > 0 and out["area"][0, 0] == pytest.approx(out["mask"][0].mean())

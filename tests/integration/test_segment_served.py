@@ -1,0 +1,73 @@
+"""The segmentation pipeline (lesion_segment) served beside the classifier from one generated
+repository, against the in-process PyTorch reference, through the SDK."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lesionserve.export.assemble import assemble_pipelines
+from lesionserve.export.segmenter_export import export_segmenter
+from lesionserve.pipelines import LESION_ENSEMBLE
+from lesionserve.segmentation.reference import SegmentationReference
+from lesionserve.segmentation.spec import LESION_SEGMENT
+from lesionserve.segmentation.train import train_segmenter
+from lesionserve.server import TritonServer
+from lesionserve.spec import CLASS_NAMES
+from lesionserve.synthetic import generate_dataset
+from lesionserve_client import LesionClient, SegmentationResult, UndecodableImageError
+
+pytestmark = pytest.mark.integration
+
+#: The issue's bound: served masks equal the reference's on at least this share of pixels.
+MIN_PIXEL_AGREEMENT = 0.999
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    """A segmenter trained for a few steps at 64 px on synthetic lesions, exported."""
+    root = tmp_path_factory.mktemp("segserve")
+    data = generate_dataset(root / "data", size=(160, 120), seed=3, class_counts={c: 3 for c in CLASS_NAMES},
+                            repeat_fraction=0.0, progress=False)
+    out = root / "seg" / "segmenter"
+    train_segmenter({"data": str(data.root), "out": str(out), "sizes": [64], "frozen_epochs": 0, "unfrozen_epochs": 2,
+                     "batch_size": 4, "max_steps_per_epoch": 4, "threads": 2})
+    export_segmenter(out / "checkpoint.pt", out / "model.onnx")
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(small_artifacts, segmenter, tmp_path_factory):
+    repo = assemble_pipelines([(LESION_ENSEMBLE, small_artifacts), (LESION_SEGMENT, segmenter)],
+                              out=tmp_path_factory.mktemp("repo_seg") / "model_repository", views=1)
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=240) as running:
+        yield running
+
+
+def test_served_masks_boxes_and_areas_equal_the_reference(server, segmenter, varied_images):
+    blobs = list(varied_images.values())
+    with LesionClient(server.grpc_url, max_images_per_request=4) as client:
+        served = client.segment(blobs)
+        classified = client.classify(blobs[:2])  # the classifier still answers from the same server
+    want = SegmentationReference([segmenter / "checkpoint.pt"]).segment(blobs)
+    worst = 1.0
+    for got, ref, blob in zip(served, want, blobs):
+        assert isinstance(got, SegmentationResult)
+        assert got.mask.shape == ref.mask.shape and got.found == ref.found
+        worst = min(worst, float((got.mask == ref.mask).mean()))
+        assert got.box == (ref.box if ref.found else None)
+        assert abs(got.area_fraction - ref.area_fraction) < 1e-3
+    print(f"segmentation: {len(blobs)} images, masks agree on >= {worst:.4%} of pixels; boxes equal")
+    assert worst >= MIN_PIXEL_AGREEMENT
+    assert len(classified) == 2 and all(r.label in CLASS_NAMES for r in classified)
+    picture = served[0].overlay(blobs[0])
+    assert picture.shape == (*served[0].mask.shape, 3) and picture.dtype == np.uint8
+
+
+def test_bad_images_get_their_error_in_place_and_the_others_their_lesion(server, varied_images):
+    blobs = [varied_images["png_320x240"], b"not an image", varied_images["bmp_160x120"]]
+    with LesionClient(server.grpc_url) as client:
+        rows = client.segment(blobs, partial=True)
+        assert isinstance(rows[1], UndecodableImageError) and rows[1].index == 1
+        assert rows[0].mask.shape == (240, 320) and rows[2].mask.shape == (120, 160)
+        with pytest.raises(UndecodableImageError, match=r"images\[1\]"):
+            client.segment(blobs)
