@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Optional, Sequence, TextIO
 
-from .client import DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_URL, EXPLAIN_METHODS, LesionClient, validate_url
+from .client import DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_URL, EXPLAIN_METHODS, SEGMENT_MODEL, LesionClient, validate_url
 from .encoding import encode_png
 from .errors import LesionServeError, ServerUnavailableError
 from .results import LesionResult
@@ -67,8 +67,30 @@ def _count(value: str) -> int:
     return count
 
 
+def _connection_args(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--url",
+        type=_url,
+        default=DEFAULT_URL,
+        help=f"Triton gRPC endpoint as host:port, no scheme (default: {DEFAULT_URL})",
+    )
+    command.add_argument(
+        "--timeout", type=_seconds, default=60.0, metavar="S",
+        help="per-request timeout in seconds, retries included (default: 60)",
+    )
+    command.add_argument(
+        "--retries", type=_count, default=DEFAULT_RETRIES, metavar="N",
+        help=f"retries, with exponential backoff, while the server is unavailable (default: {DEFAULT_RETRIES})",
+    )
+    command.add_argument("--ssl", action="store_true", help="connect over TLS (the server runs with --grpc-ssl-cert)")
+    command.add_argument(
+        "--root-certificates", metavar="CA.pem",
+        help="PEM file of the CA that signed the server's certificate (with --ssl; default: the system's CAs)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with its ``classify`` subcommand."""
+    """The top-level parser with its ``classify`` and ``segment`` subcommands."""
     parser = argparse.ArgumentParser(
         prog="python -m lesionserve_client",
         description="Client for LesionServe, the Triton skin-lesion classification ensemble.",
@@ -82,32 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     classify.add_argument("images", nargs="+", metavar="IMG", help="image file(s) to classify")
-    classify.add_argument(
-        "--url",
-        type=_url,
-        default=DEFAULT_URL,
-        help=f"Triton gRPC endpoint as host:port, no scheme (default: {DEFAULT_URL})",
-    )
+    _connection_args(classify)
     classify.add_argument("--model", default=DEFAULT_MODEL, help=f"ensemble model name (default: {DEFAULT_MODEL})")
-    classify.add_argument(
-        "--timeout", type=_seconds, default=60.0, metavar="S",
-        help="per-request timeout in seconds, retries included (default: 60)",
-    )
-    classify.add_argument(
-        "--retries", type=_count, default=DEFAULT_RETRIES, metavar="N",
-        help=f"retries, with exponential backoff, while the server is unavailable (default: {DEFAULT_RETRIES})",
-    )
-    classify.add_argument("--ssl", action="store_true", help="connect over TLS (the server runs with --grpc-ssl-cert)")
-    classify.add_argument(
-        "--root-certificates", metavar="CA.pem",
-        help="PEM file of the CA that signed the server's certificate (with --ssl; default: the system's CAs)",
-    )
     classify.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     classify.add_argument("--explain", metavar="OUTDIR",
                           help="also write one overlay PNG per image (the image under its heatmap) into OUTDIR; needs Pillow")
     classify.add_argument("--explain-class", metavar="NAME", help="with --explain: the class to explain (default: each predicted label)")
     classify.add_argument("--explain-method", default="gradcam", choices=EXPLAIN_METHODS,
                           help="with --explain: the map (default: %(default)s)")
+    segment = commands.add_parser(
+        "segment", help="segment the lesion of one or more image files",
+        description="Segment each image's lesion (the lesion_segment ensemble): prints its box (x0, y0, x1, y1 in "
+                    "the image's pixels, x1/y1 exclusive) and area fraction, or that none was found.",
+    )
+    segment.add_argument("images", nargs="+", metavar="IMG", help="image file(s) to segment")
+    _connection_args(segment)
+    segment.add_argument("--model", default=SEGMENT_MODEL, help=f"segmentation ensemble (default: {SEGMENT_MODEL})")
+    segment.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    segment.add_argument("--overlay", metavar="OUTDIR",
+                         help="also write one PNG per image (mask outline and box on the image) into OUTDIR; needs Pillow")
     return parser
 
 
@@ -153,13 +168,33 @@ def _classify(args: argparse.Namespace, client: LesionClient, out: TextIO) -> No
         print(f"{len(written)} overlay(s) in {args.explain}", file=sys.stderr)
 
 
+def _segment(args: argparse.Namespace, client: LesionClient, out: TextIO) -> None:
+    with client:
+        results = client.segment(args.images, model_name=args.model)
+    if args.json:
+        json.dump([{"image": image, **r.to_dict()} for image, r in zip(args.images, results)], out, indent=2)
+        out.write("\n")
+    else:
+        rows = [("IMAGE", "FOUND", "BOX", "AREA")] + [
+            (image, "yes" if r.found else "no", ",".join(map(str, r.box)) if r.box else "-", f"{r.area_fraction:.3f}")
+            for image, r in zip(args.images, results)]
+        widths = [max(len(row[c]) for row in rows) for c in range(4)]
+        out.write("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows) + "\n")
+    if args.overlay:
+        os.makedirs(args.overlay, exist_ok=True)
+        for image, r in zip(args.images, results):
+            with open(os.path.join(args.overlay, f"{os.path.splitext(os.path.basename(image))[0]}_lesion.png"), "wb") as f:
+                f.write(encode_png(r.overlay(image)))
+        print(f"{len(results)} overlay(s) in {args.overlay}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.root_certificates is not None and not args.ssl:
         parser.error("--root-certificates is only used over TLS: add --ssl")
-    if args.explain_class is not None and not args.explain:
+    if args.command == "classify" and args.explain_class is not None and not args.explain:
         parser.error("--explain-class goes with --explain OUTDIR")
     try:
         client = LesionClient(
@@ -172,6 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "classify":
             _classify(args, client, sys.stdout)
+        else:
+            _segment(args, client, sys.stdout)
     except LesionServeError as exc:
         # Collapse whitespace: server messages can span several lines, the report must not.
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)

@@ -71,3 +71,18 @@ def test_bad_images_get_their_error_in_place_and_the_others_their_lesion(server,
         assert rows[0].mask.shape == (240, 320) and rows[2].mask.shape == (120, 160)
         with pytest.raises(UndecodableImageError, match=r"images\[1\]"):
             client.segment(blobs)
+
+
+def test_client_cli_prints_boxes_and_writes_one_overlay_per_image(server, varied_images, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    path = tmp_path / "lesion.png"
+    path.write_bytes(varied_images["png_320x240"])
+    out = subprocess.run([sys.executable, "-m", "lesionserve_client", "segment", str(path), "--url", server.grpc_url,
+                          "--overlay", str(tmp_path / "seg")], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[0].split() == ["IMAGE", "FOUND", "BOX", "AREA"] and str(path) in out.stdout
+    assert "1 overlay(s) in" in out.stderr
+    assert Image.open(tmp_path / "seg" / "lesion_lesion.png").size == (320, 240)
