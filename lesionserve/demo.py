@@ -3,12 +3,14 @@
     python -m lesionserve.demo            # what `make demo` runs
 
 1. generate a synthetic ISIC-layout dataset (600x450 JPEGs),
-2. train ResNet50@224, DenseNet121@224 and EfficientNet-B3@300 briefly (from scratch),
+2. train ResNet50@224, DenseNet121@224 and EfficientNet-B3@300 briefly (from scratch), and the
+   U-Net lesion segmenter on the lesions' own masks,
 3. calibrate fusion weights and MEL/AKIEC thresholds on the validation split,
-4. export each backbone to ONNX (checked against PyTorch),
-5. assemble model_repository/ and start tritonserver on free loopback ports,
-6. classify held-out images through the client SDK, print the table, and write Grad-CAM overlays,
-7. compare with the in-process reference pipeline, then shut the server down.
+4. export each backbone and the segmenter to ONNX (each checked against PyTorch),
+5. assemble one repository serving both pipelines and start tritonserver on free loopback ports,
+6. classify held-out images through the client SDK, print the table, write Grad-CAM overlays, and
+   segment them (mask outlines and boxes, scored against their masks),
+7. compare with the in-process reference pipelines, then shut the server down.
 """
 from __future__ import annotations
 
@@ -24,13 +26,21 @@ from lesionserve.server import PROJECT_ROOT, TritonServer
 from lesionserve.spec import CLASS_NAMES
 
 
+#: The demo's segmenter: progressive resizing at small sizes, so it trains in about a minute.
+DEMO_SEGMENTER_SIZES = (64, 96)
+
+
 def stage(number: int, text: str) -> None:
     print(f"\n[{number}/7] {text}", flush=True)
 
 
 def run_demo(args: argparse.Namespace) -> float:
     """Run every stage; returns the max |Triton - reference| over fused probabilities."""
-    from lesionserve.export.assemble import assemble
+    from lesionserve.export.assemble import assemble_pipelines
+    from lesionserve.export.segmenter_export import export_segmenter
+    from lesionserve.segmentation.reference import SegmentationReference
+    from lesionserve.segmentation.spec import LESION_SEGMENT
+    from lesionserve.segmentation.train import train_segmenter
     from lesionserve.export.onnx_export import export_onnx
     from lesionserve.reference import ReferencePipeline
     from lesionserve_client import LesionClient
@@ -53,6 +63,12 @@ def run_demo(args: argparse.Namespace) -> float:
             "save_state": False,  # no resumable last.pt: the demo reruns from scratch anyway
         })
 
+    stage(2, f"training the lesion segmenter (U-Net, {LESION_SEGMENT.segmenter.encoder} encoder, from scratch) "
+             f"at {' then '.join(map(str, DEMO_SEGMENTER_SIZES))} px on the lesions' own masks")
+    train_segmenter({"data": str(data.root), "out": str(out / "segmenter"), "sizes": list(DEMO_SEGMENTER_SIZES),
+                     "frozen_epochs": 0, "unfrozen_epochs": args.epochs, "unfrozen_lr": args.lr,
+                     "batch_size": args.batch_size, "seed": args.seed, "save_state": False})
+
     stage(3, f"calibrating fusion weights and thresholds on validation TTA outputs (T={args.views})")
     calibration = calibrate(out, views=args.views)
     print("  weights: " + ", ".join(f"{k} {v:.3f}" for k, v in calibration.weights.items()))
@@ -62,13 +78,13 @@ def run_demo(args: argparse.Namespace) -> float:
     for backbone in pipeline.member_names:
         r = export_onnx(out / backbone / "checkpoint.pt", out / backbone / "model.onnx")
         print(f"  {backbone}: max |ORT - torch| on logits {r.max_abs_diff:.2e} (limit {r.atol:.0e})")
+    r = export_segmenter(out / "segmenter" / "checkpoint.pt", out / "segmenter" / "model.onnx")
+    print(f"  segmenter: max |ORT - torch| on logits {r.max_abs_diff:.2e}; masks agree on {r.mask_agreement:.4%} of pixels")
 
-    stage(5, "assembling the model repository and starting tritonserver")
-    repository = PROJECT_ROOT / "model_repository"
-    if args.views != 8:  # the committed repository serves T=8; other counts are served from a copy
-        repository = assemble(out, out=out / "model_repository", views=args.views)
-    else:
-        assemble(out, repository)
+    stage(5, "assembling one repository (classifier and segmenter) and starting tritonserver")
+    # The committed repository serves the classifier alone; with the segmenter, a generated copy.
+    repository = assemble_pipelines([(pipeline, out), (LESION_SEGMENT, out / "segmenter")], out=out / "model_repository",
+                                    views=args.views)
     images = sorted(held_out.images_dir.glob("*.jpg"))
     truth = _truth(held_out.labels_csv)
     with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0) as server:
@@ -89,6 +105,11 @@ def run_demo(args: argparse.Namespace) -> float:
         print(f"  explained in {seconds:.2f}s: {len(overlays)} Grad-CAM overlays in {out / 'explain'} "
               f"(what they show: docs/explanations.md)")
         print("  " + _against_masks(images, explained, data.masks_csv, held_out.masks_csv))
+        with LesionClient(server.grpc_url) as client:  # and their lesions, segmented
+            start = time.perf_counter()
+            lesions = client.segment([str(p) for p in images])
+            seconds = time.perf_counter() - start
+        print("  " + _segmented(images, lesions, held_out.masks_csv, out / "segment", seconds))
     print("  tritonserver stopped")
 
     stage(7, "parity: the same images through the in-process PyTorch reference pipeline")
@@ -97,6 +118,10 @@ def run_demo(args: argparse.Namespace) -> float:
     diff = float(np.abs(served - reference.probs).max())
     same = sum(r.label == l for r, l in zip(results, reference.labels))
     print(f"  max |Triton - reference| over fused probabilities: {diff:.2e}; labels equal {same}/{len(images)}")
+    want = SegmentationReference([out / "segmenter" / "checkpoint.pt"]).segment([p.read_bytes() for p in images])
+    agree = min(float((got.mask == ref.mask).mean()) for got, ref in zip(lesions, want))
+    boxes = sum(got.box == (ref.box if ref.found else None) for got, ref in zip(lesions, want))
+    print(f"  segmentation: masks agree with the reference on >= {agree:.4%} of pixels; boxes equal {boxes}/{len(images)}")
     (out / "demo_summary.json").write_text(json.dumps({"parity_max_abs_diff": diff, "labels_equal": same, "images": len(images)}, indent=2))
     return diff
 
@@ -113,6 +138,26 @@ def _against_masks(images: list[Path], explained: list, train_masks: Path, masks
     return (f"heatmaps vs the lesions' own masks: mass inside {s['maps']['mass']:.3f} (uniform {s['uniform']['mass']:.3f}, "
             f"centred Gaussian {s['gaussian']['mass']:.3f}); hottest pixel on the lesion {s['maps']['hit']:.2f} "
             f"(Gaussian {s['gaussian']['hit']:.2f})")
+
+
+def _segmented(images: list[Path], lesions: list, masks_csv: Path, outdir: Path, seconds: float) -> str:
+    """Write one overlay per image (mask outline, box) and score the masks against the true ones."""
+    from lesionserve.segmentation.metrics import iou
+    from lesionserve.training.masks import load_mask_index, read_mask
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    index = load_mask_index(masks_csv)
+    ious = [iou(r.mask, read_mask(index[p.stem])) for p, r in zip(images, lesions)]
+    for p, r in zip(images, lesions):
+        cv2_write_rgb(outdir / f"{p.stem}_lesion.png", r.overlay(str(p)))
+    return (f"segmented in {seconds:.2f}s: lesion found in {sum(r.found for r in lesions)}/{len(lesions)}, mean IoU "
+            f"with the true masks {np.mean(ious):.3f}; overlays (outline, box) in {outdir}")
+
+
+def cv2_write_rgb(path: Path, rgb: np.ndarray) -> None:
+    import cv2
+
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
 def _truth(labels_csv: Path) -> dict[str, str]:
