@@ -82,3 +82,14 @@ def test_run_batch_profiles_each_backbone(artifacts, tmp_path):
     table = json.loads((tmp_path / "run_batch.json").read_text())["ms_per_view"]
     assert set(table) == {"resnet50", "densenet121", "efficientnet_b3"}
     assert all(set(row) == {"1", "2"} and min(row.values()) > 0 for row in table.values())
+
+
+def test_segment_benchmark_measures_served_pytorch_and_onnxrt_side_by_side(tmp_path):
+    from lesionserve.benchmarks import segment
+
+    argv = ["--size", "64", "--rounds", "1", "--calls", "1", "--images", "synthetic", "--out", str(tmp_path)]
+    assert segment.main(argv) == 0
+    report = json.loads((tmp_path / "segment.json").read_text())
+    assert set(report["medians"]) == {"served", "pytorch", "onnxrt"} and report["size"] == 64
+    assert all(v["images_per_s"] > 0 for v in report["medians"].values())
+    assert set(report["time_split_8_images"]) == {"decode_preprocess_ms", "network_ms", "postprocess_ms"}
