@@ -265,13 +265,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--views", type=int, choices=ALLOWED_VIEWS, help="TTA view count for the generated copy")
     parser.add_argument("--checkpoints", action="store_true",
                         help="also place <member>/checkpoint.pt (the gpu_torch variant serves them)")
+    parser.add_argument("--segmenter", metavar="DIR",
+                        help="also serve the lesion_segment pipeline from DIR/model.onnx (lesionserve export-segmenter); "
+                             "needs --out: the committed repository does not carry the segmenter")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    pairs = [(get_pipeline(args.pipeline), args.artifacts)]
+    if args.segmenter:
+        from lesionserve.segmentation.spec import LESION_SEGMENT
+
+        if not args.out:
+            print("error: --segmenter needs --out DIR (a generated repository): the committed one serves the classifier alone",
+                  file=sys.stderr)
+            return 2
+        pairs.append((LESION_SEGMENT, args.segmenter))
     try:
-        path = assemble(args.artifacts, args.repository, args.out, args.views, args.checkpoints, get_pipeline(args.pipeline))
+        path = assemble_pipelines(pairs, args.repository, args.out, args.views, args.checkpoints)
     except AssembleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
