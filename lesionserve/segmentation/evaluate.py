@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -176,15 +175,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print((args.out / "report.md").read_text())
-    print(f"wrote report.md, metrics.json, per_image.csv, iou_hist.png to {args.out}")
-    return 0
+    from lesionserve.training.reports import run_report_command
+
+    return run_report_command(run, get_args_parser().parse_args(argv), ("report.md", "metrics.json", "per_image.csv", "iou_hist.png"))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ import argparse
 import csv
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -424,15 +423,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print((args.out / "report.md").read_text())
-    print(f"wrote report.md, maps_eval.json, per_image.csv, localisation.png to {args.out}")
-    return 0
+    from lesionserve.training.reports import run_report_command
+
+    return run_report_command(run, get_args_parser().parse_args(argv), ("report.md", "maps_eval.json", "per_image.csv", "localisation.png"))
 
 
 if __name__ == "__main__":

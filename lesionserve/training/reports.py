@@ -97,3 +97,18 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], path: s
     figure.tight_layout()
     figure.savefig(path)
     return Path(path)
+
+
+def run_report_command(run, args, files: Sequence[str]) -> int:
+    """The main() of a report command: ``run(args)`` (which sets ``args.out``), its report.md printed
+    and the files it wrote named; a ValueError or FileNotFoundError is one ``error:`` line, status 2."""
+    import sys
+
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print((args.out / "report.md").read_text())
+    print(f"wrote {', '.join(files)} to {args.out}")
+    return 0
