@@ -148,6 +148,7 @@ class LesionClient:
             url=url, verbose=verbose, ssl=self.ssl, root_certificates=self.root_certificates, channel_args=channel_args()
         )
         self._info: Optional[ModelInfo] = None
+        self._segment_limits: dict[str, int] = {}
         self._executor: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
         self._closed = False
@@ -356,7 +357,9 @@ class LesionClient:
                 if not partial:
                     raise
                 out[index] = exc
-        size = self.max_images_per_request or 8
+        size = self._segment_batch_limit(model_name)
+        if self.max_images_per_request is not None:
+            size = min(size, self.max_images_per_request)
         for start in range(0, len(items), size):
             chunk = items[start:start + size]
             tensor = InferInput(INPUT_NAME, [len(chunk), 1], "BYTES")
@@ -368,6 +371,15 @@ class LesionClient:
                     raise row
                 out[index] = row
         return out  # type: ignore[return-value]  # every slot is filled above
+
+    def _segment_batch_limit(self, model_name: str) -> int:
+        """The segmentation ensemble's max_batch_size (fetched once per model name)."""
+        with self._lock:
+            if model_name not in self._segment_limits:
+                config = self._call(self._client.get_model_config, model_name, as_json=True)
+                config = config.get("config", config)
+                self._segment_limits[model_name] = max(1, int(config.get("max_batch_size") or 1))
+            return self._segment_limits[model_name]
 
     def backoff_delays(self) -> list[float]:
         """Seconds waited before each retry: ``backoff`` doubling up to ``max_backoff``."""

@@ -98,7 +98,7 @@ def lesions_of_batch(logits: np.ndarray, image_sizes: np.ndarray, errors: list[s
     height, width = max(1, int(sizes[:, 1].max(initial=1))), max(1, int(sizes[:, 0].max(initial=1)))
     out = {"mask": np.zeros((n, height, width), np.uint8), "box": np.full((n, 4), -1, np.int32),
            "area": np.zeros((n, 1), np.float32), "found": np.zeros((n, 1), bool)}
-    probs = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float32)[:, 0]))
+    probs = 1.0 / (1.0 + np.exp(-np.clip(np.asarray(logits, np.float32)[:, 0], -60.0, 60.0)))  # no overflow warnings
     for i in range(n):
         if errors[i]:
             continue

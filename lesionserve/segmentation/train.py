@@ -17,6 +17,7 @@ recipe), ``metrics.json`` (history, best), ``curves.png``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -219,12 +220,20 @@ def train_segmenter(overrides: Mapping[str, Any], config: str | Path | None = No
         print(f"encoder weights from {cfg['pretrained']}")
     else:
         print("no --pretrained: training from scratch")
+        if cfg["frozen_epochs"]:
+            print(f"warning: --frozen-epochs {cfg['frozen_epochs']} without --pretrained trains the decoder on a frozen "
+                  "random encoder; from scratch pass --frozen-epochs 0")
     model.to(device)
     criterion = loss_fn(cfg["loss"])
     plan = phases(cfg)
     state = {"phase": 0, "epoch": 0, "history": [], "best": None}
     resume = torch.load(cfg["resume"], map_location="cpu", weights_only=False) if cfg["resume"] else None
     if resume is not None:
+        saved = resume.get("plan")
+        if saved is not None and (saved != plan or resume.get("max_steps_per_epoch") != cfg["max_steps_per_epoch"]):
+            raise ValueError(f"{cfg['resume']} was written by a run with phases {saved} (max_steps_per_epoch "
+                             f"{resume.get('max_steps_per_epoch')}); this recipe gives {plan} ({cfg['max_steps_per_epoch']}): "
+                             "resume with the same --sizes, epochs, learning rates and --max-steps-per-epoch")
         model.load_state_dict(resume["model"])
         state.update(phase=resume["phase"], epoch=resume["epoch"], history=resume["history"], best=resume["best"])
         print(f"resumed from {cfg['resume']}: phase {state['phase'] + 1}/{len(plan)}, {state['epoch']} epoch(s) done in it")
@@ -234,8 +243,9 @@ def train_segmenter(overrides: Mapping[str, Any], config: str | Path | None = No
         params = set_phase(model, phase["frozen"])
         train_set = SegmentationDataset(train_pairs, phase["size"], SEGMENTER.normalization, cfg["augment"], cfg["seed"])
         val_set = SegmentationDataset(val_pairs, phase["size"], SEGMENTER.normalization)
+        shuffle = torch.Generator()
         loader = torch.utils.data.DataLoader(train_set, batch_size=cfg["batch_size"], shuffle=True, drop_last=len(train_set) > cfg["batch_size"],
-                                             generator=torch.Generator().manual_seed(cfg["seed"] + index))
+                                             generator=shuffle)
         steps = min(len(loader), cfg["max_steps_per_epoch"] or len(loader))
         optimizer = torch.optim.AdamW(params, lr=phase["lr"], weight_decay=cfg["weight_decay"])
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=phase["lr"], total_steps=phase["epochs"] * steps)
@@ -249,13 +259,12 @@ def train_segmenter(overrides: Mapping[str, Any], config: str | Path | None = No
         for epoch in range(first, phase["epochs"]):
             start = time.time()
             train_set.set_epoch(len(state["history"]))
+            shuffle.manual_seed(cfg["seed"] * 1000 + len(state["history"]))  # a resumed epoch shuffles as it would have
             train_mode(model, cfg["freeze_bn"])
             losses = []
-            bar = tqdm(loader, total=steps, desc=f"{phase['size']}px {'frozen' if phase['frozen'] else 'full'} "
-                                                 f"epoch {epoch + 1}/{phase['epochs']}", unit="step")
-            for step, (x, y) in enumerate(bar):
-                if step >= steps:
-                    break
+            bar = tqdm(itertools.islice(loader, steps), total=steps, unit="step",
+                       desc=f"{phase['size']}px {'frozen' if phase['frozen'] else 'full'} epoch {epoch + 1}/{phase['epochs']}")
+            for x, y in bar:
                 optimizer.zero_grad(set_to_none=True)
                 loss = criterion(model(x.to(device)), y.to(device))
                 loss.backward()
@@ -280,7 +289,8 @@ def train_segmenter(overrides: Mapping[str, Any], config: str | Path | None = No
                 last = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                         "phase": index if epoch + 1 < phase["epochs"] else index + 1,
                         "epoch": epoch + 1 if epoch + 1 < phase["epochs"] else 0,
-                        "history": state["history"], "best": state["best"]}
+                        "history": state["history"], "best": state["best"], "plan": plan,
+                        "max_steps_per_epoch": cfg["max_steps_per_epoch"]}
                 if epoch + 1 == phase["epochs"]:
                     last.pop("optimizer"), last.pop("schedule")  # the next phase starts its own
                 torch.save(last, out / "last.pt.tmp")

@@ -73,7 +73,7 @@ def pointing_hit(heatmap: np.ndarray, mask: np.ndarray) -> float:
 def centred_gaussian(width: int, height: int, area_fraction: float) -> np.ndarray:
     """height x width map of a Gaussian at the image centre whose one-sigma ellipse covers
     ``area_fraction`` of the image (sigma_x = width sqrt(a/pi), sigma_y = height sqrt(a/pi)), scaled
-    to [0, 1] like the heatmaps."""
+    to [0, 1] like the heatmaps. Above pi/4 the ellipse spills past the frame and covers less."""
     if not 0.0 < area_fraction <= 1.0:
         raise ValueError(f"area_fraction must be in (0, 1], got {area_fraction}")
     k = math.sqrt(area_fraction / math.pi)

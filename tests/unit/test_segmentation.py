@@ -225,6 +225,9 @@ def test_training_runs_every_phase_saves_the_best_at_the_last_size_and_resumes(t
     assert main(argv + ["--resume", str(tmp_path / "after_phase1.pt"), "--splits", str(out.parent / "splits.csv")]) == 0
     again = json.loads((other / "metrics.json").read_text())
     assert len(again["history"]) == 4 and again["history"][0] == metrics["history"][0]
+    # A resume under another recipe is refused, naming both plans.
+    changed = argv[:argv.index("--sizes")] + ["--sizes", "32", "96"] + argv[argv.index("--sizes") + 3:]
+    assert main(changed + ["--resume", str(tmp_path / "after_phase1.pt"), "--splits", str(out.parent / "splits.csv")]) == 2
 
 
 def test_evaluate_scores_the_checkpoints_test_split_with_task1_metrics(trained, synthetic, tmp_path):
