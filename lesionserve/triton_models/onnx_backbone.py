@@ -23,7 +23,11 @@ class TritonPythonModel:
         self.spinning = flag(config, "allow_spinning", True)
         self.input_name = config["input"][0]["name"]
         self.outputs = [o["name"] for o in config["output"]]
-        self.graph_outputs = graph_outputs(path)
+        try:
+            self.graph_outputs = graph_outputs(path)
+        except Exception as exc:  # any parse failure: the file is not a usable ONNX model
+            raise pb_utils.TritonModelException(f"model {config['name']!r}: {path} is not a readable ONNX model ({exc}); "
+                                                "export it again (python -m export.onnx_export)") from None
         missing = sorted(set(self.outputs) - set(self.graph_outputs))
         if missing:
             raise pb_utils.TritonModelException(

@@ -51,7 +51,7 @@ def mapped_by_live_processes() -> set[str]:
     ("model", "damage", "expected"),
     [
         ("resnet50", lambda repo: (repo / "resnet50/1/model.onnx").write_bytes(b"\x08\x07 not protobuf" * 50),
-         "INVALID_PROTOBUF : Load model from"),
+         "model.onnx is not a readable ONNX model"),
         ("threshold", lambda repo: (repo / "threshold/1/calibration.json").write_text('{"weights": {"resnet50": "heavy"}}'),
          "malformed calibration file"),
         # No model.py: the stub never starts, the load would hang; its region used to stay in /dev/shm.
