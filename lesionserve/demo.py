@@ -129,10 +129,9 @@ def run_demo(args: argparse.Namespace) -> float:
 def _against_masks(images: list[Path], explained: list, train_masks: Path, masks_csv: Path) -> str:
     """One line: the served heatmaps scored against the synthetic lesions' own masks, beside the baselines."""
     from lesionserve.training.map_eval import mean_area_fraction, mean_scores
-    from lesionserve.training.masks import MaskedSample, load_mask_index, read_mask
-    from lesionserve.training.data import Sample
+    from lesionserve.training.masks import load_mask_index, read_mask
 
-    area, _ = mean_area_fraction(MaskedSample(Sample(Path(i), 0), m) for i, m in load_mask_index(train_masks).items())
+    area, _ = mean_area_fraction(load_mask_index(train_masks).values())
     index = load_mask_index(masks_csv)
     s = mean_scores([r.heatmap for r in explained], [read_mask(index[p.stem]) for p in images], area)
     return (f"heatmaps vs the lesions' own masks: mass inside {s['maps']['mass']:.3f} (uniform {s['uniform']['mass']:.3f}, "
@@ -144,20 +143,15 @@ def _segmented(images: list[Path], lesions: list, masks_csv: Path, outdir: Path,
     """Write one overlay per image (mask outline, box) and score the masks against the true ones."""
     from lesionserve.segmentation.metrics import iou
     from lesionserve.training.masks import load_mask_index, read_mask
+    from lesionserve_client import encode_png
 
     outdir.mkdir(parents=True, exist_ok=True)
     index = load_mask_index(masks_csv)
     ious = [iou(r.mask, read_mask(index[p.stem])) for p, r in zip(images, lesions)]
     for p, r in zip(images, lesions):
-        cv2_write_rgb(outdir / f"{p.stem}_lesion.png", r.overlay(str(p)))
+        (outdir / f"{p.stem}_lesion.png").write_bytes(encode_png(r.overlay(str(p))))
     return (f"segmented in {seconds:.2f}s: lesion found in {sum(r.found for r in lesions)}/{len(lesions)}, mean IoU "
             f"with the true masks {np.mean(ious):.3f}; overlays (outline, box) in {outdir}")
-
-
-def cv2_write_rgb(path: Path, rgb: np.ndarray) -> None:
-    import cv2
-
-    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
 def _truth(labels_csv: Path) -> dict[str, str]:

@@ -236,22 +236,7 @@ class LesionClient:
         """
         if explain_method not in EXPLAIN_METHODS:
             raise ValueError(f"explain_method must be one of {', '.join(EXPLAIN_METHODS)}, got {explain_method!r}")
-        if isinstance(images, (str, bytes, bytearray, os.PathLike)) or (
-            isinstance(images, np.ndarray) and images.ndim == 3
-        ):
-            # Iterating a single image would yield characters/bytes/rows: a confusing failure.
-            raise TypeError("classify() takes a sequence of images; wrap a single image in a list")
-        if self._closed:
-            raise RuntimeError("LesionClient is closed")
-        out: list[Union[LesionResult, ImageError, None]] = [None] * len(images)
-        items: list[tuple[int, bytes]] = []  # (index in the caller's list, encoded bytes)
-        for index, image in enumerate(images):
-            try:
-                items.append((index, to_image_bytes(image, index)))
-            except InvalidImageError as exc:
-                if not partial:
-                    raise  # before anything is sent: bad input fails fast and no request is wasted
-                out[index] = exc
+        out, items = self._encode(images, partial, "classify")
         if items:
             info = self.model_info
             if explain_class is not None and explain_class not in info.class_names:
@@ -263,6 +248,28 @@ class LesionClient:
                 for (index, _), row in zip(chunk, rows):
                     out[index] = row
         return out  # type: ignore[return-value]  # every slot is filled above
+
+    def _encode(self, images: Sequence[ImageInput], partial: bool, method: str) -> tuple[list[Any], list[tuple[int, bytes]]]:
+        """(one slot per image, holding its InvalidImageError where ``partial``; the (index in the
+        caller's list, encoded bytes) pairs to send). Without ``partial`` the first unusable image
+        is raised before anything is sent: bad input fails fast and no request is wasted."""
+        if isinstance(images, (str, bytes, bytearray, os.PathLike)) or (
+            isinstance(images, np.ndarray) and images.ndim == 3
+        ):
+            # Iterating a single image would yield characters/bytes/rows: a confusing failure.
+            raise TypeError(f"{method}() takes a sequence of images; wrap a single image in a list")
+        if self._closed:
+            raise RuntimeError("LesionClient is closed")
+        out: list[Any] = [None] * len(images)
+        items: list[tuple[int, bytes]] = []
+        for index, image in enumerate(images):
+            try:
+                items.append((index, to_image_bytes(image, index)))
+            except InvalidImageError as exc:
+                if not partial:
+                    raise
+                out[index] = exc
+        return out, items
 
     def _infer_chunks(
         self, info: ModelInfo, chunks: list[list[tuple[int, bytes]]], partial: bool,
@@ -344,19 +351,7 @@ class LesionClient:
         image is raised (InvalidImageError before anything is sent); with it, the error object takes
         that image's place. Images go in requests of up to the ensemble's max_batch_size.
         """
-        if isinstance(images, (str, bytes, bytearray, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3):
-            raise TypeError("segment() takes a sequence of images; wrap a single image in a list")
-        if self._closed:
-            raise RuntimeError("LesionClient is closed")
-        out: list[Union[SegmentationResult, ImageError, None]] = [None] * len(images)
-        items: list[tuple[int, bytes]] = []
-        for index, image in enumerate(images):
-            try:
-                items.append((index, to_image_bytes(image, index)))
-            except InvalidImageError as exc:
-                if not partial:
-                    raise
-                out[index] = exc
+        out, items = self._encode(images, partial, "segment")
         size = self._segment_batch_limit(model_name)
         if self.max_images_per_request is not None:
             size = min(size, self.max_images_per_request)

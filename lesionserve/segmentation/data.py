@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from lesionserve.architectures import IMAGENET, Normalization
 from lesionserve.preprocessing import ImageDecodeError, decode_image, preprocess_rgb
 from lesionserve.training.data import UNKNOWN_LABEL, DatasetError, Sample
-from lesionserve.training.masks import MaskedSample, attach_masks, load_ph2, read_mask
+from lesionserve.training.masks import MaskedSample, attach_masks, load_mask_index, load_ph2, read_mask
 
 PAIR_LAYOUTS: tuple[str, ...] = ("auto", "ham10000", "task1", "isic2018", "ph2")
 TASK1_INPUT = "ISIC2018_Task1-2_Training_Input"
@@ -96,7 +96,7 @@ def load_pairs(source: str | Path, layout: str = "auto", masks: str | Path | Non
                          "e.g. ham10000_masks.csv)")
     masks = Path(masks) if masks is not None else source / "masks.csv"
     samples = load_dataset(source, layout="ham10000" if layout == "ham10000" else "auto")
-    pairs, without = attach_masks(samples, masks)
+    pairs, without = attach_masks(samples, load_mask_index(masks))
     if not pairs:
         raise DatasetError(f"none of the {len(samples)} images of {source} has a mask in {masks}")
     return pairs, len(without)

@@ -29,52 +29,20 @@ SEED_FIGURES = {"jaccard (internal)": 0.854, "thresholded jaccard (internal)": 0
                 "thresholded jaccard (official validation)": 0.755}
 
 
-class SegmenterEnsemble:
-    """One or more segmenter checkpoints of one training size: mean probabilities over them."""
-
-    def __init__(self, checkpoints: Sequence[str | Path], threads: int | None = None) -> None:
-        import torch
-
-        from lesionserve.segmentation.model import load_segmenter
-
-        if threads:
-            torch.set_num_threads(threads)
-        loaded = [load_segmenter(p) for p in checkpoints]
-        sizes = {size for _, _, size, _ in loaded}
-        if len(sizes) != 1:
-            raise ValueError(f"checkpoints trained at different sizes {sorted(sizes)} cannot be averaged")
-        self.spec = loaded[0][0]
-        self.size = sizes.pop()
-        self.models = [model for _, model, _, _ in loaded]
-
-    def probabilities(self, rgbs: Sequence[np.ndarray]) -> np.ndarray:
-        """N x S x S lesion probabilities of decoded RGB images (mean over the checkpoints)."""
-        import torch
-
-        from lesionserve.preprocessing import preprocess_rgb
-        from lesionserve.segmentation.train import predict_probs
-
-        x = torch.from_numpy(np.stack([preprocess_rgb(rgb, self.size, self.spec.normalization) for rgb in rgbs]))
-        return np.mean([predict_probs(m, x) for m in self.models], axis=0)
-
-
-def score_pairs(ensemble: SegmenterEnsemble, pairs, name: str, batch_size: int = 8, progress: bool = True) -> list[dict[str, Any]]:
-    """Per-image rows: image, IoU, Dice, found, predicted and true area fractions."""
+def score_pairs(reference: Any, pairs, name: str, batch_size: int = 8, progress: bool = True) -> list[dict[str, Any]]:
+    """Per-image rows: image, IoU, Dice, found, predicted and true area fractions, the lesions
+    coming from ``reference`` (a SegmentationReference: what the server computes, in process)."""
     from tqdm import tqdm
 
-    from lesionserve.preprocessing import decode_image
     from lesionserve.segmentation.metrics import dice, iou
-    from lesionserve.segmentation.postprocess import lesion_from_probabilities
     from lesionserve.training.masks import read_mask
 
     rows = []
     with tqdm(total=len(pairs), desc=f"segment {name}", unit="img", disable=not progress) as bar:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
-            rgbs = [decode_image(p.sample.path.read_bytes()) for p in chunk]
-            for pair, rgb, probs in zip(chunk, rgbs, ensemble.probabilities(rgbs)):
-                truth = read_mask(pair.mask_path, (rgb.shape[1], rgb.shape[0]))
-                lesion = lesion_from_probabilities(probs, rgb.shape[1], rgb.shape[0], ensemble.spec.threshold)
+            for pair, lesion in zip(chunk, reference.segment([p.sample.path.read_bytes() for p in chunk])):
+                truth = read_mask(pair.mask_path, (lesion.mask.shape[1], lesion.mask.shape[0]))
                 rows.append({"dataset": name, "image": pair.image_id, "iou": iou(lesion.mask, truth),
                              "dice": dice(lesion.mask, truth), "found": lesion.found,
                              "area": lesion.area_fraction, "true_area": float(truth.mean())})
@@ -134,12 +102,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from lesionserve.segmentation.data import load_pairs, pairs_for
     from lesionserve.segmentation.metrics import summary
+    from lesionserve.segmentation.reference import SegmentationReference
     from lesionserve.training.masks import load_ph2
     from lesionserve.training.splits import read_splits
 
     if args.data is None and args.ph2 is None:
         raise ValueError("nothing to score: give --data (the checkpoint's split is scored) and/or --ph2")
-    ensemble = SegmenterEnsemble(args.checkpoint, args.threads)
+    reference = SegmentationReference(args.checkpoint, threads=args.threads)
+    ensemble = reference.ensemble
     sets, context = {}, {"checkpoints": ", ".join(map(str, args.checkpoint)), "input size": ensemble.size,
                          "post-processing": f"probability > {ensemble.spec.threshold} at the original size, largest "
                                             "component, holes filled"}
@@ -155,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sets["PH2"] = load_ph2(args.ph2)
     rows = []
     for name, pairs in sets.items():
-        rows += score_pairs(ensemble, pairs[:args.limit] if args.limit else pairs, name, progress=not args.no_progress)
+        rows += score_pairs(reference, pairs[:args.limit] if args.limit else pairs, name, progress=not args.no_progress)
     summaries = {}
     for name in sets:
         mine = [r for r in rows if r["dataset"] == name]

@@ -87,12 +87,12 @@ def crop_box(box: tuple[int, int, int, int], width: int, height: int, margin: fl
     return max(0, x0 - dx), max(0, y0 - dy), min(width, x1 + dx), min(height, y1 + dy)
 
 
-def lesions_of_batch(logits: np.ndarray, image_sizes: np.ndarray, errors: list[str],
+def lesions_of_batch(logits: np.ndarray, image_sizes: np.ndarray, failed: np.ndarray,
                      threshold: float = MASK_THRESHOLD) -> dict[str, np.ndarray]:
     """The served step's outputs for N images: ``mask`` (N x Hmax x Wmax uint8, each image's mask
     at its own size in the top-left corner, zeros elsewhere), ``box`` (N x 4 int32), ``area`` and
-    ``found`` (N x 1). ``logits``: N x 1 x S x S; ``image_sizes``: N x (width, height); a row with an
-    error (its image could not be read) is not found and has an empty mask."""
+    ``found`` (N x 1). ``logits``: N x 1 x S x S; ``image_sizes``: N x (width, height); a ``failed``
+    row (preprocessing.failed_rows: its image could not be read) is not found and has an empty mask."""
     n = len(logits)
     sizes = np.asarray(image_sizes, np.int64).reshape(n, 2)
     height, width = max(1, int(sizes[:, 1].max(initial=1))), max(1, int(sizes[:, 0].max(initial=1)))
@@ -100,7 +100,7 @@ def lesions_of_batch(logits: np.ndarray, image_sizes: np.ndarray, errors: list[s
            "area": np.zeros((n, 1), np.float32), "found": np.zeros((n, 1), bool)}
     probs = 1.0 / (1.0 + np.exp(-np.clip(np.asarray(logits, np.float32)[:, 0], -60.0, 60.0)))  # no overflow warnings
     for i in range(n):
-        if errors[i]:
+        if failed[i]:
             continue
         w, h = int(sizes[i, 0]), int(sizes[i, 1])
         lesion = lesion_from_probabilities(probs[i], w, h, threshold)

@@ -97,9 +97,9 @@ def score_maps(maps: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, di
     return out
 
 
-def mean_area_fraction(items: Iterable[MaskedSample]) -> tuple[float, int]:
-    """(mean lesion area fraction over the items' masks, how many masks)."""
-    fractions = [float(read_mask(item.mask_path).mean()) for item in items]
+def mean_area_fraction(mask_paths: Iterable[Path]) -> tuple[float, int]:
+    """(mean lesion area fraction over the masks at ``mask_paths``, how many masks)."""
+    fractions = [float(read_mask(path).mean()) for path in mask_paths]
     if not fractions:
         raise ValueError("no masks to measure the lesions' mean size on")
     return float(np.mean(fractions)), len(fractions)
@@ -327,12 +327,13 @@ def masked_split(artifacts: Path, masks_csv: Path, split: str, splits_file: Path
     the lesion-clean line (``clean``) and the train split's masked images (``train``, for the
     Gaussian baseline's size)."""
     from lesionserve.training.evaluate import evaluation_samples, lesion_clean_text
-    from lesionserve.training.masks import attach_masks
+    from lesionserve.training.masks import attach_masks, load_mask_index
     from lesionserve.training.splits import read_splits
 
     chosen = evaluation_samples(artifacts, split, splits_file)
-    with_mask, without = attach_masks(chosen.samples, masks_csv)
-    train, _ = attach_masks(read_splits(chosen.source, check_files=False).get("train", []), masks_csv)
+    index = load_mask_index(masks_csv)  # read (and every file checked) once for both splits
+    with_mask, without = attach_masks(chosen.samples, index)
+    train, _ = attach_masks(read_splits(chosen.source, check_files=False).get("train", []), index)
     note = f"{len(with_mask)} of the {len(chosen.samples)} {split} images have a mask ({len(without)} skipped)"
     return {"items": with_mask, "note": note, "clean": lesion_clean_text(chosen.lesion_clean), "train": train}
 
@@ -393,7 +394,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if area is None:
         if args.masks is None:
             raise ValueError("--gaussian-area A is needed without --masks (the train split's masks give the default)")
-        area, count = mean_area_fraction(split["train"])
+        area, count = mean_area_fraction(item.mask_path for item in split["train"])
         context["Gaussian baseline"] = f"area fraction {area:.3f}: the mean over the train split's {count} masks"
     else:
         context["Gaussian baseline"] = f"area fraction {area:.3f} (given)"

@@ -14,15 +14,14 @@ geometry of its image (lossless: a JPEG's ringing makes it non-binary); ``read_m
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from lesionserve.spec import CLASS_NAMES
-from lesionserve.training.data import DatasetError, Sample
+from lesionserve.training.data import DatasetError, Sample, _read_csv_rows
 
 
 class MaskError(DatasetError):
@@ -42,16 +41,15 @@ class MaskedSample:
 
 
 def _rows(csv_path: Path, needed: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """training.data's CSV rows (line number, stripped row), after checking the file and its columns."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"mask CSV not found: {csv_path}")
-    with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in needed if c not in header]
-        if missing:
-            raise DatasetError(f"{csv_path}: header {','.join(header)!r} lacks column(s) {', '.join(missing)} "
-                               f"(needs {','.join(needed)})")
-        return [(line, row) for line, row in enumerate(reader, start=2)]
+    header, rows = _read_csv_rows(csv_path)
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise DatasetError(f"{csv_path}: header {','.join(header)!r} lacks column(s) {', '.join(missing)} "
+                           f"(needs {','.join(needed)})")
+    return rows
 
 
 def _resolve(base: Path, relative: str) -> Path:
@@ -78,9 +76,8 @@ def load_mask_index(csv_path: str | Path) -> dict[str, Path]:
     return index
 
 
-def attach_masks(samples: Sequence[Sample], csv_path: str | Path) -> tuple[list[MaskedSample], list[Sample]]:
-    """(the samples that have a mask in ``csv_path``, with it; the samples without one)."""
-    index = load_mask_index(csv_path)
+def attach_masks(samples: Sequence[Sample], index: Mapping[str, Path]) -> tuple[list[MaskedSample], list[Sample]]:
+    """(the samples that have a mask in ``index`` (load_mask_index's), with it; the samples without one)."""
     with_mask = [MaskedSample(s, index[s.image_id]) for s in samples if s.image_id in index]
     return with_mask, [s for s in samples if s.image_id not in index]
 

@@ -35,7 +35,8 @@ class TritonPythonModel:
                 f"python -m export.onnx_export --explain)")
         # Classification runs the graph pruned to its first output (logits), so it pays nothing for
         # the maps; the whole graph is loaded when a request first asks for more (explanations).
-        self.sessions = {tuple(self.outputs[:1]): self.open(self.outputs[:1])}
+        self.logits_session = self.open(self.outputs[:1])
+        self.full_session = None
         # Rows per ORT run: the dynamic batcher may hand over 64 rows; smaller runs cost less per
         # row on CPU and bound the activation memory (benchmarks/RESULTS.md, "Tuning").
         self.run_batch = int(parameter(config, "run_batch", str(config.get("max_batch_size") or 64)))
@@ -51,10 +52,11 @@ class TritonPythonModel:
                             outputs=None if list(outputs) == self.graph_outputs else outputs)
 
     def session_for(self, names):
-        key = tuple(self.outputs[:1]) if names == self.outputs[:1] else tuple(self.outputs)
-        if key not in self.sessions:
-            self.sessions[key] = self.open(list(key))
-        return self.sessions[key]
+        if names == self.outputs[:1]:
+            return self.logits_session
+        if self.full_session is None:
+            self.full_session = self.open(self.outputs)
+        return self.full_session
 
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]

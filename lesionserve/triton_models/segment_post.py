@@ -4,17 +4,12 @@ area fraction and found flag (lesionserve.segmentation.postprocess, the referenc
 Dynamic batching hands over several requests; each is answered on its own, as its masks are
 padded to its own largest image.
 """
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from lesionserve.preprocessing import ERROR_TENSOR
+from lesionserve.preprocessing import ERROR_TENSOR, failed_rows
 from lesionserve.segmentation.postprocess import lesions_of_batch
 from lesionserve.triton_config import parameter, parse_args_config
 from lesionserve.triton_models.tensors import read_host
-
-
-def _text(column) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in np.asarray(column, dtype=np.object_).reshape(-1)]
 
 
 class TritonPythonModel:
@@ -27,6 +22,6 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             out = lesions_of_batch(read_host(request, self.logits_name), read_host(request, "image_size"),
-                                   _text(read_host(request, ERROR_TENSOR)), self.threshold)
+                                   failed_rows(read_host(request, ERROR_TENSOR)), self.threshold)
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()]))
         return responses

@@ -120,7 +120,7 @@ def test_attach_masks_splits_samples_by_mask_and_index_lists_missing_files(tmp_p
     write_png(tmp_path / "masks" / "A_segmentation.png", square_mask().astype(np.uint8) * 255)
     (tmp_path / "masks.csv").write_text("image,mask_path\nA,masks/A_segmentation.png\n")
     samples = [Sample(tmp_path / "A.jpg", 0, "L1"), Sample(tmp_path / "B.jpg", 1, "L2")]
-    with_mask, without = attach_masks(samples, tmp_path / "masks.csv")
+    with_mask, without = attach_masks(samples, load_mask_index(tmp_path / "masks.csv"))
     assert [m.image_id for m in with_mask] == ["A"] and [s.image_id for s in without] == ["B"]
     assert with_mask[0].mask_path == tmp_path / "masks" / "A_segmentation.png"
     (tmp_path / "bad.csv").write_text("image,mask_path\nA,masks/A_segmentation.png\nC,masks/C.png\n")

@@ -286,7 +286,10 @@ def test_lesions_of_a_batch_pad_masks_per_request_and_leave_failed_rows_not_foun
     logits = np.full((3, 1, 32, 32), -5.0, np.float32)
     logits[0, 0, 8:24, 8:24] = 5.0
     logits[1, 0] = 5.0  # a failed row: whatever its logits say, nothing is found
-    out = lesions_of_batch(logits, np.array([[64, 48], [10, 10], [20, 30]]), ["", "bad image", ""])
+    from lesionserve.preprocessing import failed_rows
+
+    failed = failed_rows(np.array([[b""], [b"bad image"], [b""]], dtype=np.object_))
+    out = lesions_of_batch(logits, np.array([[64, 48], [10, 10], [20, 30]]), failed)
     assert out["mask"].shape == (3, 48, 64) and out["mask"].dtype == np.uint8
     assert out["found"][:, 0].tolist() == [True, False, False]
     assert out["box"][1].tolist() == [-1, -1, -1, -1] and not out["mask"][1].any()
