@@ -138,6 +138,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("lesionserve.heatmaps", "Grad-CAM and Grad-CAM++ overlays and a grid, for the ensemble or one checkpoint"),
     "segment-train": ("lesionserve.segmentation.train", "train the lesion segmenter (U-Net, ResNet34 encoder; seed 004's recipe)"),
     "segment-evaluate": ("lesionserve.segmentation.evaluate", "score segmenter checkpoints: Jaccard, Task 1 thresholded Jaccard, Dice"),
+    "crop-boxes": ("lesionserve.segmentation.boxes", "lesion boxes per image (segmenter or expert masks) for crop-guided training"),
     "evaluate-maps": ("lesionserve.training.map_eval", "score heatmaps against lesion masks (mass inside, pointing game, baselines)"),
     "export": ("lesionserve.export.onnx_export", "export a checkpoint to ONNX, checked against PyTorch"),
     "export-segmenter": ("lesionserve.export.segmenter_export", "export a segmenter checkpoint to ONNX, checked against PyTorch"),

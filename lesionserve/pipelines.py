@@ -199,8 +199,22 @@ LESION_ENSEMBLE = EnsemblePipeline(
     description="ResNet50 + DenseNet121 + EfficientNet-B3 ensemble with dihedral TTA, calibrated fusion and MEL/AKIEC thresholds",
 )
 
+#: The same ensemble trained and served on lesion crops (seed 004's CropBest): its members are
+#: trained with ``--crop-boxes`` and reached through the ``lesion_crop`` pipeline
+#: (lesionserve.segmentation.spec.LESION_CROP), which segments, crops and calls its steps; its own
+#: ensemble classifies an image that is already a crop.
+LESION_CROP_CLASSIFIER = EnsemblePipeline(
+    "lesion_crop_classify",
+    (Member("crop_resnet50", "resnet50"), Member("crop_densenet121", "densenet121"),
+     Member("crop_efficientnet_b3", "efficientnet_b3")),
+    description="the seed ensemble trained on lesion crops (classifies an image that is already a crop)",
+)
+
 #: The pipelines of the committed model repository, by ensemble name.
 PIPELINES: dict[str, EnsemblePipeline] = {LESION_ENSEMBLE.name: LESION_ENSEMBLE}
+#: Declared pipelines served from generated repositories only (``lesionserve assemble --out``), beside
+#: the committed ones: the committed repository must load without their weights.
+GENERATED_PIPELINES: dict[str, EnsemblePipeline] = {LESION_CROP_CLASSIFIER.name: LESION_CROP_CLASSIFIER}
 
 
 def declared_pipeline(member: str) -> EnsemblePipeline:
@@ -218,8 +232,9 @@ def declared_member(name: str) -> Member:
 
 
 def get_pipeline(name: str) -> EnsemblePipeline:
-    """The committed pipeline ``name``, or a ValueError listing the known names."""
+    """The declared pipeline ``name`` (committed or generated-only), or a ValueError listing the known names."""
+    known = {**PIPELINES, **GENERATED_PIPELINES}
     try:
-        return PIPELINES[name]
+        return known[name]
     except KeyError:
-        raise ValueError(f"unknown pipeline {name!r}; choose one of {', '.join(PIPELINES)}") from None
+        raise ValueError(f"unknown pipeline {name!r}; choose one of {', '.join(known)}") from None

@@ -230,6 +230,9 @@ class PreprocessedBatch(NamedTuple):
     #: (width, height) of each decoded image, (0, 0) where it could not be decoded: what a heatmap
     #: is resized back to.
     image_sizes: list[tuple[int, int]] = []
+    #: With ``boxes``: the rectangle each row was cut to (x0, y0, x1, y1 in original pixels; the
+    #: whole image where its box was NO_BOX, NO_BOX where it could not be decoded).
+    crops: list[tuple[int, int, int, int]] = []
 
     @property
     def failed(self) -> list[int]:
@@ -244,15 +247,22 @@ class PreprocessedBatch(NamedTuple):
 
 
 def _decode_resize(
-    data: bytes, sizes: tuple[int, ...], max_pixels: int, max_bytes: int
-) -> tuple[dict[int, np.ndarray], tuple[int, int]] | str:
-    """One image of resize_batch_rows: bytes -> ({size: S x S x 3 uint8}, (width, height)), or the
-    reason it is unreadable."""
+    data: bytes, box: Any, *, sizes: tuple[int, ...], max_pixels: int, max_bytes: int, margin: float = 0.0,
+) -> tuple[dict[int, np.ndarray], tuple[int, int], Any] | str:
+    """One image of resize_batch_rows: bytes -> ({size: S x S x 3 uint8}, (width, height), the
+    rectangle cut or None), or the reason it is unreadable. ``box``: cut the image to that lesion
+    box grown by ``margin`` first (lesionserve.cropping; NO_BOX: the whole image)."""
     try:
         rgb = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
     except ImageDecodeError as exc:
         return str(exc)
-    return {size: resize(rgb, size) for size in sizes}, (int(rgb.shape[1]), int(rgb.shape[0]))
+    size = (int(rgb.shape[1]), int(rgb.shape[0]))
+    cut = None
+    if box is not None:
+        from lesionserve.cropping import crop_to_lesion
+
+        rgb, cut, _ = crop_to_lesion(rgb, box, margin)
+    return {s: resize(rgb, s) for s in sizes}, size, cut
 
 
 def resize_batch_rows(
@@ -261,17 +271,22 @@ def resize_batch_rows(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     map_fn: Callable = map,
+    boxes: Sequence[Any] | None = None,
+    margin: float = 0.0,
 ) -> PreprocessedBatch:
     """Decode each image once and resize it once per size: one N x S x S x 3 uint8 array per size.
 
     Never raises ImageDecodeError: a row that cannot be decoded gets its reason in ``errors``
     and zeros for pixels; every other row is exactly what resize_batch gives. ``map_fn``: e.g. a
     thread pool's ``map`` to decode several images at once (OpenCV releases the GIL); results
-    are the same either way.
+    are the same either way. ``boxes`` (one lesion box per row, NO_BOX where none) and
+    ``margin``: each image is cut to its box first (crop-guided classification).
     """
     sizes = tuple(sizes)
-    work = functools.partial(_decode_resize, sizes=sizes, max_pixels=max_pixels, max_bytes=max_bytes)
-    per_image = list(map_fn(work, images))
+    if boxes is not None and len(boxes) != len(images):
+        raise ValueError(f"{len(boxes)} boxes for {len(images)} images")
+    work = functools.partial(_decode_resize, sizes=sizes, max_pixels=max_pixels, max_bytes=max_bytes, margin=margin)
+    per_image = list(map_fn(work, images, boxes if boxes is not None else [None] * len(images)))
     errors = [p if isinstance(p, str) else "" for p in per_image]
     pixels = {}
     for size in sizes:
@@ -281,7 +296,8 @@ def resize_batch_rows(
                 batch[row] = p[0][size]
         pixels[size] = batch
     image_sizes = [(0, 0) if isinstance(p, str) else p[1] for p in per_image]
-    return PreprocessedBatch(pixels, errors, image_sizes)
+    crops = [] if boxes is None else [(-1, -1, -1, -1) if isinstance(p, str) else p[2] for p in per_image]
+    return PreprocessedBatch(pixels, errors, image_sizes, crops)
 
 
 def resize_batch(
@@ -349,20 +365,24 @@ def preprocess_batch_rows(
     device: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     map_fn: Callable = map,
+    boxes: Sequence[Any] | None = None,
+    margin: float = 0.0,
 ) -> PreprocessedBatch:
     """preprocess_batch, row by row: never raises ImageDecodeError.
 
     A row that cannot be decoded gets its reason in ``errors`` and all-zero pixels (zero after
     normalisation, on ``device`` too); every other row is bit-identical to preprocess_batch's.
+    ``boxes`` and ``margin``: crop each row to its lesion first (resize_batch_rows).
     """
     inputs, sizes = _distinct(inputs)
-    resized = resize_batch_rows(images, sizes, max_pixels=max_pixels, max_bytes=max_bytes, map_fn=map_fn)
+    resized = resize_batch_rows(images, sizes, max_pixels=max_pixels, max_bytes=max_bytes, map_fn=map_fn,
+                                boxes=boxes, margin=margin)
     pixels = _normalize_batches(resized.pixels, device, inputs)
     failed = resized.failed
     if failed:
         for batch in pixels.values():
             batch[failed] = 0  # numpy and torch alike: the rows listed
-    return PreprocessedBatch(pixels, resized.errors, resized.image_sizes)
+    return PreprocessedBatch(pixels, resized.errors, resized.image_sizes, resized.crops)
 
 
 # -- the per-row ``error`` tensor (preprocess output, threshold input, ensemble output) ------------

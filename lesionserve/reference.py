@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lesionserve.calibration import Calibration
+from lesionserve.cropping import CROP_MARGIN, Box
 from lesionserve.fusion import fuse
 from lesionserve.models import load_checkpoint, trained_input_size
 from lesionserve.pipelines import LESION_ENSEMBLE, EnsemblePipeline, Preprocessing
@@ -47,7 +48,9 @@ class ReferencePipeline:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         input_sizes: dict[str, int] | None = None,
         pipeline: EnsemblePipeline = LESION_ENSEMBLE,
+        crop_margin: float = CROP_MARGIN,
     ) -> None:
+        self.crop_margin = crop_margin  # used where run() / views_of() get lesion boxes
         self.models = {name: self.prepare(model) for name, model in models.items()}
         self.backbones = tuple(models)
         # A model trained at a reduced resolution (CPU experiments) is evaluated at that resolution.
@@ -99,14 +102,17 @@ class ReferencePipeline:
         chunks = [model(torch.from_numpy(views[i : i + self.batch_size])) for i in range(0, len(views), self.batch_size)]
         return torch.cat(chunks).numpy()
 
-    def run(self, images: Sequence[bytes]) -> PipelineOutput:
-        """Classify encoded images; raises ImageDecodeError naming the first bad index."""
-        return self.classify_views(self.views_of(images)[0])
+    def run(self, images: Sequence[bytes], boxes: Sequence[Box] | None = None) -> PipelineOutput:
+        """Classify encoded images (each cut to its lesion box first where ``boxes`` is given: NO_BOX
+        for the whole image); raises ImageDecodeError naming the first bad index."""
+        return self.classify_views(self.views_of(images, boxes)[0])
 
-    def views_of(self, images: Sequence[bytes]) -> tuple[dict[Preprocessing, np.ndarray], list[tuple[int, int]]]:
+    def views_of(self, images: Sequence[bytes], boxes: Sequence[Box] | None = None
+                 ) -> tuple[dict[Preprocessing, np.ndarray], list[tuple[int, int]]]:
         """(the T views of every image per member input, each image's (width, height)); raises
-        ImageDecodeError naming the first bad index."""
-        batch = preprocess_batch_rows(list(images), self.preprocessings, max_pixels=self.max_pixels)
+        ImageDecodeError naming the first bad index. ``boxes``: crop each image first (crop_margin)."""
+        batch = preprocess_batch_rows(list(images), self.preprocessings, max_pixels=self.max_pixels,
+                                      boxes=boxes, margin=self.crop_margin)
         batch.raise_first_error()
         return {pre: make_views(pixels, self.views) for pre, pixels in batch.pixels.items()}, batch.image_sizes
 

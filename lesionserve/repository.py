@@ -24,7 +24,7 @@ from lesionserve import PROJECT_ROOT
 from lesionserve.explain import CAM_METHODS, CAMS_OUTPUT
 from lesionserve.pipelines import PIPELINES, EnsemblePipeline, Member
 from lesionserve.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from lesionserve.segmentation.spec import SegmentationPipeline
+from lesionserve.segmentation.spec import CropPipeline, SegmentationPipeline
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, GPU_VARIANTS, TENSORRT_OPT_BATCH, check_views
 
 DEFAULT_REPOSITORY = PROJECT_ROOT / "model_repository"
@@ -296,17 +296,13 @@ def _step(model: str, inputs: Iterable[tuple[str, str]], outputs: Iterable[tuple
             + _map("input_map", inputs) + _map("output_map", outputs) + "    }")
 
 
-def ensemble_config(p: EnsemblePipeline, explain: bool = False) -> str:
-    """The model clients call (``explain``: its twin that also answers with heatmaps); ensembles have
-    no variants (their steps do)."""
-    c, b = len(p.class_names), len(p.members)
+def _classifier_steps(p: EnsemblePipeline, explain: bool = False) -> list[str]:
+    """The steps after preprocessing (pixel_values_<key> and error in): views, members, fusion, decision."""
     keys = [f"pixel_values_{pre.key}" for pre in p.preprocessings]
     views = [f"views_{pre.key}" for pre in p.preprocessings]
     logits = [f"logits_{m.name}" for m in p.members]
-    sized = [("image_size", "image_size")] if explain else []
     maps = lambda m: [(CAMS_OUTPUT, f"cams_{m.name}")] if explain else []  # noqa: E731
-    steps = [
-        _step(p.step("preprocess"), [("raw_image", "raw_image")], [(k, k) for k in keys] + [("error", "error")] + sized),
+    return [
         _step(p.step("tta"), [(k, k) for k in keys], [(v, v) for v in views] + [("num_views", "num_views")]),
         *(_step(m.name, [(BACKBONE_INPUT, m.views_tensor)], [(BACKBONE_OUTPUT, f"logits_{m.name}"), *maps(m)])
           for m in p.members),
@@ -315,6 +311,32 @@ def ensemble_config(p: EnsemblePipeline, explain: bool = False) -> str:
         _step(p.step("threshold"), [("probs", "probs"), ("error", "error")],
               [("label", "label"), ("thresholds_fired", "thresholds_fired")]),
     ]
+
+
+def _classification_outputs(p: EnsemblePipeline) -> list[str]:
+    c, b = len(p.class_names), len(p.members)
+    return [
+        _tensor("probs", "TYPE_FP32", (c,)), _tensor("label", "TYPE_STRING", (1,)),
+        _tensor("backbone_probs", "TYPE_FP32", (b, c)), _tensor("thresholds_fired", "TYPE_BOOL", (c,)),
+        _tensor("error", "TYPE_STRING", (1,)),
+    ]
+
+
+def _client_params(p: EnsemblePipeline) -> str:
+    return ("# Read by the client SDK: the order of the class and member axes, and the TTA view count.\n"
+            + _param("class_names", ",".join(p.class_names)) + _param("backbones", ",".join(p.member_names))
+            + _param("views", p.views))
+
+
+def ensemble_config(p: EnsemblePipeline, explain: bool = False) -> str:
+    """The model clients call (``explain``: its twin that also answers with heatmaps); ensembles have
+    no variants (their steps do)."""
+    keys = [f"pixel_values_{pre.key}" for pre in p.preprocessings]
+    sized = [("image_size", "image_size")] if explain else []
+    steps = [
+        _step(p.step("preprocess"), [("raw_image", "raw_image")], [(k, k) for k in keys] + [("error", "error")] + sized),
+        *_classifier_steps(p, explain),
+    ]
     if explain:
         steps.append(_step(
             p.step("heatmap"),
@@ -322,11 +344,7 @@ def ensemble_config(p: EnsemblePipeline, explain: bool = False) -> str:
             + [(x, x) for x in ("num_views", "label", "error", "image_size", "explain_class", "explain_method")],
             [("heatmap", "heatmap")],
         ))
-    outputs = [
-        _tensor("probs", "TYPE_FP32", (c,)), _tensor("label", "TYPE_STRING", (1,)),
-        _tensor("backbone_probs", "TYPE_FP32", (b, c)), _tensor("thresholds_fired", "TYPE_BOOL", (c,)),
-        _tensor("error", "TYPE_STRING", (1,)),
-    ]
+    outputs = _classification_outputs(p)
     inputs = [_tensor("raw_image", "TYPE_STRING", (1,))]
     about = ""
     if explain:
@@ -343,9 +361,7 @@ def ensemble_config(p: EnsemblePipeline, explain: bool = False) -> str:
         f'name: "{p.explain_name if explain else p.name}"\nplatform: "ensemble"\nmax_batch_size: {p.max_batch_size}\n'
         + _tensors("input", inputs)
         + _tensors("output", outputs)
-        + "# Read by the client SDK: the order of the class and member axes, and the TTA view count.\n"
-        + _param("class_names", ",".join(p.class_names)) + _param("backbones", ",".join(p.member_names))
-        + _param("views", p.views)
+        + _client_params(p)
         + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
     )
 
@@ -468,6 +484,92 @@ def render_segmentation(p: "SegmentationPipeline") -> dict[str, str]:
     }
 
 
+def crop_step_config(p: "CropPipeline") -> str:
+    from lesionserve.segmentation.spec import SEGMENTER_OUTPUT
+
+    c, s = p.classifier, p.segmentation.size
+    outputs = [_tensor(f"pixel_values_{pre.key}", "TYPE_FP32", (-1, 3, pre.size, pre.size)) for pre in c.preprocessings]
+    outputs += [_tensor("error", "TYPE_STRING", (-1, 1)), _tensor("box", "TYPE_INT32", (-1, 4)), _tensor("cropped", "TYPE_BOOL", (-1, 1))]
+    return (
+        "# The crop step: encoded images and segmenter logits -> each image's lesion (lesion_segment's post-\n"
+        "# processing), its bounding rectangle grown by margin cut from the original image (lesionserve/cropping.py),\n"
+        "# then the classifier's preprocessing of the crop, one tensor per member input. box: the rectangle\n"
+        "# classified (x0, y0, x1, y1 exclusive, original pixels); cropped: false where no lesion was found and\n"
+        "# the whole image was classified; error: as preprocess's (the image is decoded again here).\n"
+        + _head(p.step("preprocess"), "python", 0)
+        + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (-1, 1)), _tensor(SEGMENTER_OUTPUT, "TYPE_FP32", (-1, 1, s, s)),
+                             _tensor("image_size", "TYPE_INT32", (-1, 2)), _tensor("segment_error", "TYPE_STRING", (-1, 1))])
+        + _tensors("output", outputs)
+        + "".join(_param(f"normalize_pixel_values_{pre.key}", pre.normalization.to_parameter()) for pre in c.preprocessings)
+        + _param("threshold", p.segmentation.segmenter.threshold) + _param("margin", p.margin)
+        + _param("max_pixels", DEFAULT_MAX_PIXELS) + _param("max_bytes", DEFAULT_MAX_BYTES)
+        + _param("decode_threads", DECODE_THREADS) + _instances(None)
+    )
+
+
+def _crop_outputs(p: "CropPipeline") -> list[str]:
+    return _classification_outputs(p.classifier) + [_tensor("box", "TYPE_INT32", (4,)), _tensor("cropped", "TYPE_BOOL", (1,))]
+
+
+def _crop_about(p: "CropPipeline") -> str:
+    return (f"# Pipeline {p.name} ({p.mode}): {p.description}.\n"
+            f"# {p.segmentation.name} finds the lesion, {p.classifier.name}'s members classify the crop (margin {p.margin:g}).\n"
+            "# Outputs: the classifier's, plus box (the rectangle classified, original pixels) and cropped (false:\n"
+            "# no lesion found, the whole image was classified).\n")
+
+
+def crop_ensemble_config(p: "CropPipeline") -> str:
+    from lesionserve.segmentation.spec import SEGMENTER_INPUT, SEGMENTER_OUTPUT
+
+    seg, c = p.segmentation, p.classifier
+    seg_key = f"pixel_values_{seg.preprocessing.key}"
+    keys = [f"pixel_values_{pre.key}" for pre in c.preprocessings]
+    steps = [
+        # The segmenter's input gets its own name here: it may share a size and normalisation with a member's.
+        _step(seg.step("preprocess"), [("raw_image", "raw_image")],
+              [(seg_key, "segmenter_input"), ("error", "segment_error"), ("image_size", "image_size")]),
+        _step(seg.step("segmenter"), [(SEGMENTER_INPUT, "segmenter_input")], [(SEGMENTER_OUTPUT, SEGMENTER_OUTPUT)]),
+        _step(p.step("preprocess"), [(k, k) for k in ("raw_image", SEGMENTER_OUTPUT, "image_size", "segment_error")],
+              [(k, k) for k in keys] + [("error", "error"), ("box", "box"), ("cropped", "cropped")]),
+        *_classifier_steps(c),
+    ]
+    return (
+        _crop_about(p)
+        + f'name: "{p.name}"\nplatform: "ensemble"\nmax_batch_size: {p.max_batch_size}\n'
+        + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,))])
+        + _tensors("output", _crop_outputs(p))
+        + _client_params(c) + _param("margin", p.margin)
+        + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+    )
+
+
+def crop_bls_config(p: "CropPipeline") -> str:
+    return (
+        _crop_about(p)
+        + "# BLS: calls the segmentation pipeline, crops, re-encodes each crop as PNG and calls the classifier's\n"
+        "# ensemble (lesionserve/triton_models/crop_bls.py).\n"
+        + _head(p.name, "python", p.max_batch_size)
+        + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,))])
+        + _tensors("output", _crop_outputs(p))
+        + _client_params(p.classifier) + _param("margin", p.margin)
+        + _param("segmentation", p.segmentation.name) + _param("classifier", p.classifier.name)
+        + _param("max_pixels", DEFAULT_MAX_PIXELS) + _param("max_bytes", DEFAULT_MAX_BYTES)
+        + f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[None]}\n}}\n"
+        + _instances(None)
+    )
+
+
+def render_crop(p: "CropPipeline") -> dict[str, str]:
+    """Relative path -> content of the crop pipeline's own models (its parts are rendered by theirs)."""
+    if p.mode == "bls":
+        return {f"{p.name}/config.pbtxt": crop_bls_config(p),
+                f"{p.name}/1/model.py": model_py("crop_bls", "segment, crop, re-encode and classify (BLS)")}
+    pre = p.step("preprocess")
+    return {f"{pre}/config.pbtxt": crop_step_config(p),
+            f"{pre}/1/model.py": model_py("crop_preprocess", "segmenter logits -> lesion crop -> member inputs"),
+            f"{p.name}/config.pbtxt": crop_ensemble_config(p), f"{p.name}/1/.gitkeep": ""}
+
+
 def render_repository(pipelines: Sequence[EnsemblePipeline] = tuple(PIPELINES.values())) -> dict[str, str]:
     """Relative path -> content for every pipeline; two pipelines may not declare one model name."""
     files: dict[str, str] = {}
@@ -478,7 +580,20 @@ def render_repository(pipelines: Sequence[EnsemblePipeline] = tuple(PIPELINES.va
                 raise ValueError(f"model {model!r} is declared by pipelines {owner[model]!r} and {p.name!r}; "
                                  "give members unique names or the pipeline a step_prefix")
             owner[model] = p.name
-        files.update(render_segmentation(p) if isinstance(p, SegmentationPipeline) else render_pipeline(p))
+        if isinstance(p, CropPipeline):
+            files.update(render_crop(p))
+        elif isinstance(p, SegmentationPipeline):
+            files.update(render_segmentation(p))
+        else:
+            files.update(render_pipeline(p))
+    served = {p.name: p for p in pipelines}
+    for p in pipelines:
+        if isinstance(p, CropPipeline):
+            for part in (p.segmentation, p.classifier):
+                if served.get(part.name) != part:  # the crop step's tensors must match what is served
+                    raise ValueError(f"crop pipeline {p.name!r} calls {part.name!r}, which this repository "
+                                     + ("serves with another declaration" if part.name in served else "does not serve")
+                                     + ": serve them together (assemble_pipelines passes the served parts)")
     return files
 
 

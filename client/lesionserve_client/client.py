@@ -22,7 +22,8 @@ from tritonclient.utils import InferenceServerException
 from .config import ModelInfo, parse_model_config
 from .encoding import ImageInput, to_image_bytes
 from .errors import ImageError, InvalidImageError, ServerError, ServerUnavailableError, UndecodableImageError, map_server_error
-from .results import OUTPUT_NAMES, SEGMENT_OUTPUTS, LesionResult, SegmentationResult, parse_response, parse_segmentation
+from .results import (CROP_OUTPUTS, OUTPUT_NAMES, SEGMENT_OUTPUTS, LesionResult, SegmentationResult, parse_response,
+                      parse_segmentation, with_crops)
 
 #: Explanation methods the ``<model>_explain`` ensemble serves (lesionserve.explain.CAM_METHODS).
 EXPLAIN_METHODS: tuple[str, ...] = ("gradcam", "gradcampp")
@@ -31,6 +32,8 @@ DEFAULT_MODEL = "lesion_ensemble"
 INPUT_NAME = "raw_image"
 #: The segmentation ensemble (lesionserve.segmentation.spec.LESION_SEGMENT).
 SEGMENT_MODEL = "lesion_segment"
+#: The crop-guided classifier (lesionserve.segmentation.spec.LESION_CROP).
+CROP_MODEL = "lesion_crop"
 DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF = 0.5
 DEFAULT_MAX_BACKOFF = 4.0
@@ -147,7 +150,7 @@ class LesionClient:
         self._client = InferenceServerClient(
             url=url, verbose=verbose, ssl=self.ssl, root_certificates=self.root_certificates, channel_args=channel_args()
         )
-        self._info: Optional[ModelInfo] = None
+        self._infos: dict[str, ModelInfo] = {}
         self._segment_limits: dict[str, int] = {}
         self._executor: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
@@ -183,11 +186,14 @@ class LesionClient:
     @property
     def model_info(self) -> ModelInfo:
         """Class names, backbones and batch limit of the served ensemble (fetched once)."""
+        return self._model_info(self.model_name)
+
+    def _model_info(self, model: str) -> ModelInfo:
         with self._lock:
-            if self._info is None:
-                config = self._call(self._client.get_model_config, self.model_name, as_json=True)
-                self._info = parse_model_config(config, self.model_name)
-            return self._info
+            if model not in self._infos:
+                config = self._call(self._client.get_model_config, model, as_json=True)
+                self._infos[model] = parse_model_config(config, model)
+            return self._infos[model]
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -203,17 +209,20 @@ class LesionClient:
 
     @overload
     def classify(self, images: Sequence[ImageInput], partial: Literal[False] = False, *, explain: bool = False,
-                 explain_class: Optional[str] = None, explain_method: str = "gradcam") -> list[LesionResult]: ...
+                 explain_class: Optional[str] = None, explain_method: str = "gradcam", crop: bool = False,
+                 crop_model: str = CROP_MODEL) -> list[LesionResult]: ...
 
     @overload
     def classify(
         self, images: Sequence[ImageInput], partial: Literal[True], *, explain: bool = False,
-        explain_class: Optional[str] = None, explain_method: str = "gradcam",
+        explain_class: Optional[str] = None, explain_method: str = "gradcam", crop: bool = False,
+        crop_model: str = CROP_MODEL,
     ) -> list[Union[LesionResult, ImageError]]: ...
 
     def classify(
         self, images: Sequence[ImageInput], partial: bool = False, *, explain: bool = False,
-        explain_class: Optional[str] = None, explain_method: str = "gradcam",
+        explain_class: Optional[str] = None, explain_method: str = "gradcam", crop: bool = False,
+        crop_model: str = CROP_MODEL,
     ) -> Union[list[LesionResult], list[Union[LesionResult, ImageError]]]:
         """Classify ``images`` and return one LesionResult per image, in input order.
 
@@ -233,18 +242,26 @@ class LesionClient:
         (``gradcam`` or ``gradcampp``), from the ``<model>_explain`` ensemble; ``result.overlay(image)``
         draws it. Heatmaps keep each image's own size, so every image is its own request (sent
         concurrently, ``max_workers`` at a time).
+
+        ``crop=True``: crop-guided classification by ``crop_model`` (the ``lesion_crop`` pipeline):
+        the server segments each image, cuts its lesion's bounding rectangle (+ margin) and
+        classifies the crop with its crop-trained members. Each result then also carries
+        ``crop_box`` (the rectangle classified, original pixels) and ``cropped`` (False: no lesion
+        was found and the whole image was classified).
         """
         if explain_method not in EXPLAIN_METHODS:
             raise ValueError(f"explain_method must be one of {', '.join(EXPLAIN_METHODS)}, got {explain_method!r}")
+        if crop and explain:
+            raise ValueError("crop=True and explain=True cannot be combined: the crop pipeline serves no heatmaps")
         out, items = self._encode(images, partial, "classify")
         if items:
-            info = self.model_info
+            info = self._model_info(crop_model) if crop else self.model_info
             if explain_class is not None and explain_class not in info.class_names:
                 raise ValueError(f"cannot explain unknown class {explain_class!r}; classes: {', '.join(info.class_names)}")
             wanted = (explain_class or "", explain_method) if explain else None
             size = 1 if explain else self._request_size(info, len(items))
             chunks = [items[i : i + size] for i in range(0, len(items), size)]
-            for chunk, rows in zip(chunks, self._infer_chunks(info, chunks, partial, wanted)):
+            for chunk, rows in zip(chunks, self._infer_chunks(info, chunks, partial, wanted, crop_model if crop else None)):
                 for (index, _), row in zip(chunk, rows):
                     out[index] = row
         return out  # type: ignore[return-value]  # every slot is filled above
@@ -273,12 +290,12 @@ class LesionClient:
 
     def _infer_chunks(
         self, info: ModelInfo, chunks: list[list[tuple[int, bytes]]], partial: bool,
-        explain: Optional[tuple[str, str]] = None,
+        explain: Optional[tuple[str, str]] = None, crop_model: Optional[str] = None,
     ) -> list[list[Union[LesionResult, UndecodableImageError]]]:
         """One request per chunk, concurrently when there are several; answers in chunk order."""
         if len(chunks) == 1:
-            return [self._infer(info, chunks[0], partial, explain)]
-        futures = [self._pool().submit(self._infer, info, chunk, partial, explain) for chunk in chunks]
+            return [self._infer(info, chunks[0], partial, explain, crop_model)]
+        futures = [self._pool().submit(self._infer, info, chunk, partial, explain, crop_model) for chunk in chunks]
         try:
             # Collect in submission order: results stay in input order, and on failure the
             # error of the earliest failing request (lowest image index) is the one raised.
@@ -307,9 +324,10 @@ class LesionClient:
 
     def _infer(
         self, info: ModelInfo, items: list[tuple[int, bytes]], partial: bool,
-        explain: Optional[tuple[str, str]] = None,
+        explain: Optional[tuple[str, str]] = None, crop_model: Optional[str] = None,
     ) -> list[Union[LesionResult, UndecodableImageError]]:
-        """Send ``items`` ((index in the caller's list, bytes) pairs) as one request.
+        """Send ``items`` ((index in the caller's list, bytes) pairs) as one request (to ``crop_model``
+        where given).
 
         The server answers every row of it: an image it cannot decode gets its reason in the
         ``error`` output, in place, so partial results never cost a second request. Unless
@@ -319,6 +337,8 @@ class LesionClient:
         # np.object_, not np.bytes_: numpy's fixed-width bytes drop trailing NUL bytes.
         tensor.set_data_from_numpy(np.array([[blob] for _, blob in items], dtype=np.object_))
         inputs, outputs, model = [tensor], list(OUTPUT_NAMES), self.model_name
+        if crop_model is not None:
+            model, outputs = crop_model, outputs + list(CROP_OUTPUTS)
         if explain is not None:  # the twin ensemble: same outputs plus the heatmap
             model, outputs = f"{self.model_name}_explain", outputs + ["heatmap"]
             for name, value in zip(("explain_class", "explain_method"), explain):
@@ -336,6 +356,8 @@ class LesionClient:
             rows = [row if isinstance(row, UndecodableImageError) else dataclasses.replace(
                 row, heatmap=heatmaps[i], explained_class=explain[0] or row.label, explain_method=explain[1])
                 for i, row in enumerate(rows)]
+        if crop_model is not None:
+            rows = with_crops(response, rows)
         if not partial:
             for row in rows:
                 if isinstance(row, UndecodableImageError):

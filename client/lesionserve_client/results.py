@@ -30,6 +30,11 @@ class LesionResult:
     heatmap: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
     explained_class: Optional[str] = None
     explain_method: Optional[str] = None
+    #: With ``classify(..., crop=True)``: the rectangle classified (x0, y0, x1, y1 in the image's
+    #: pixels, x1 and y1 exclusive) and whether it is the lesion's crop (False: no lesion was found,
+    #: the whole image was classified); else None.
+    crop_box: Optional[tuple[int, int, int, int]] = None
+    cropped: Optional[bool] = None
 
     @property
     def confidence(self) -> float:
@@ -50,6 +55,7 @@ class LesionResult:
             "thresholds_fired": list(self.thresholds_fired),
             **({"explained_class": self.explained_class, "explain_method": self.explain_method,
                 "heatmap_shape": list(self.heatmap.shape)} if self.heatmap is not None else {}),
+            **({"crop_box": list(self.crop_box), "cropped": self.cropped} if self.crop_box is not None else {}),
         }
 
     def overlay(self, image: Any) -> np.ndarray:
@@ -123,6 +129,22 @@ def parse_response(
             )
         )
     return results
+
+
+#: Extra outputs of the crop-guided classifier (lesion_crop).
+CROP_OUTPUTS: tuple[str, ...] = ("box", "cropped")
+
+
+def with_crops(result: InferResult, rows: list[Union[LesionResult, UndecodableImageError]]
+               ) -> list[Union[LesionResult, UndecodableImageError]]:
+    """``rows`` with each result's crop rectangle and cropped flag from a lesion_crop response."""
+    from dataclasses import replace
+
+    boxes = _output(result, "box", (len(rows), 4))
+    cropped = _output(result, "cropped", (len(rows), 1)).astype(bool)
+    return [row if isinstance(row, UndecodableImageError) else
+            replace(row, crop_box=tuple(int(v) for v in boxes[i]), cropped=bool(cropped[i, 0]))
+            for i, row in enumerate(rows)]
 
 
 #: Outputs of the segmentation ensemble (lesion_segment).

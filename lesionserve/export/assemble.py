@@ -18,6 +18,8 @@ TensorRT plans are not placed here: ``python -m export.tensorrt`` builds them on
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -29,9 +31,9 @@ from lesionserve.architectures import Normalization
 from lesionserve.calibration import Calibration, CalibrationError
 from lesionserve.explain import CAMS_OUTPUT
 from lesionserve.export.checks import NORMALIZATION_KEY
-from lesionserve.pipelines import LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, Member, get_pipeline
+from lesionserve.pipelines import GENERATED_PIPELINES, LESION_CROP_CLASSIFIER, LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, Member, get_pipeline
 from lesionserve.repository import DEFAULT_REPOSITORY, check_repository, write_repository
-from lesionserve.segmentation.spec import SegmentationPipeline
+from lesionserve.segmentation.spec import CROP_MODES, LESION_CROP, CropPipeline, SegmentationPipeline
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, check_views
 
 
@@ -180,6 +182,30 @@ def served_pipeline(pipeline: EnsemblePipeline, artifacts: Path, views: int | No
     return served if views is None else served.with_views(check_views(views))
 
 
+def served_crop(pipeline: CropPipeline, served: dict[str, tuple[object, Path]]) -> CropPipeline:
+    """``pipeline`` over the served forms of its parts, which must be assembled with it; refuses
+    classifier members trained on whole images or with another crop margin (their config.json)."""
+    missing = [name for name in pipeline.requires if name not in served]
+    if missing:
+        raise AssembleError(f"{pipeline.name} calls {' and '.join(missing)}: assemble them in the same repository "
+                            "(--segmenter DIR and --crop-artifacts DIR)")
+    (segmentation, _), (classifier, artifacts) = served[pipeline.segmentation.name], served[pipeline.classifier.name]
+    problems = []
+    for member in pipeline.classifier.member_names:
+        config = artifacts / member / "config.json"
+        if not config.is_file():
+            continue  # random-weight artifacts (tests) record no training
+        trained = json.loads(config.read_text())
+        if not trained.get("crop_boxes"):
+            problems.append(f"{member} was trained on whole images ({config}: crop_boxes is null); train it with --crop-boxes")
+        elif trained.get("crop_margin") != pipeline.margin:
+            problems.append(f"{member} was trained on crops with margin {trained.get('crop_margin')}, "
+                            f"{pipeline.name} cuts {pipeline.margin}")
+    if problems:
+        raise AssembleError(f"{pipeline.name} would classify crops its members never saw: " + "; ".join(problems))
+    return pipeline.with_parts(segmentation, classifier)  # type: ignore[arg-type]
+
+
 def _differences(served: EnsemblePipeline, declared: EnsemblePipeline) -> str:
     changes = [f"{m} at {s} px (declared {declared.input_sizes[m]})" for m, s in served.input_sizes.items()
                if s != declared.input_sizes[m]]
@@ -201,8 +227,11 @@ def assemble_pipelines(
     serve exactly these declarations. With ``out``, a fresh repository is generated there from the
     served declarations (trained sizes, ``views``) and the artifacts are placed into it.
     """
-    pairs = [(p, Path(a)) for p, a in artifacts]
+    pairs = [(p, Path(a)) for p, a in artifacts if not isinstance(p, CropPipeline)]
     served = [(served_pipeline(p, a, views, checkpoints), p, a) for p, a in pairs]
+    by_name = {s.name: (s, a) for s, _, a in served}
+    for p, _ in ((p, a) for p, a in artifacts if isinstance(p, CropPipeline)):
+        served.append((served_crop(p, by_name), p, None))
     if out is None:
         problems = []
         for s, p, _ in served:
@@ -232,6 +261,8 @@ def assemble_pipelines(
             shutil.rmtree(target)
         write_repository(target, [s for s, _, _ in served])
     for s, _, a in served:
+        if a is None:
+            continue  # a crop pipeline: its weights are its parts'
         for src, destinations in artifact_files(a, s, checkpoints).items():
             for rel in destinations:
                 _atomic_copy(src, target / rel)
@@ -258,7 +289,7 @@ def assemble(
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", required=True, help="folder with <member>/model.onnx and calibration.json")
-    parser.add_argument("--pipeline", default=LESION_ENSEMBLE.name, choices=sorted(PIPELINES),
+    parser.add_argument("--pipeline", default=LESION_ENSEMBLE.name, choices=sorted({**PIPELINES, **GENERATED_PIPELINES}),
                         help="the declared pipeline these artifacts are for (default %(default)s)")
     parser.add_argument("--repository", default=str(DEFAULT_REPOSITORY), help="committed repository (default %(default)s)")
     parser.add_argument("--out", help="generate a repository at this path instead of filling the committed one")
@@ -268,6 +299,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--segmenter", metavar="DIR",
                         help="also serve the lesion_segment pipeline from DIR/model.onnx (lesionserve export-segmenter); "
                              "needs --out: the committed repository does not carry the segmenter")
+    parser.add_argument("--crop-artifacts", metavar="DIR",
+                        help="also serve crop-guided classification (lesion_crop) with the crop-trained members in DIR "
+                             "(<crop member>/model.onnx, calibration.json); needs --segmenter")
+    parser.add_argument("--crop-mode", choices=CROP_MODES, default=LESION_CROP.mode,
+                        help="serve lesion_crop as a Triton ensemble or a BLS model (default %(default)s; "
+                             "docs/segmentation.md says why)")
     return parser
 
 
@@ -282,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         pairs.append((LESION_SEGMENT, args.segmenter))
+    if args.crop_artifacts:
+        if not args.segmenter:
+            print("error: --crop-artifacts needs --segmenter DIR: lesion_crop segments before it classifies", file=sys.stderr)
+            return 2
+        pairs += [(LESION_CROP_CLASSIFIER, args.crop_artifacts), (dataclasses.replace(LESION_CROP, mode=args.crop_mode), None)]
     try:
         path = assemble_pipelines(pairs, args.repository, args.out, args.views, args.checkpoints)
     except AssembleError as exc:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lesionserve.cropping import NO_BOX
+
 #: Probability above which a pixel is lesion (strictly greater, like the classification thresholds).
 MASK_THRESHOLD = 0.5
 
@@ -28,7 +30,6 @@ class Lesion:
     found: bool
 
 
-NO_BOX = (-1, -1, -1, -1)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -78,15 +79,6 @@ def lesion_from_probabilities(probs: np.ndarray, width: int, height: int, thresh
     return Lesion(mask, box, float(mask.mean()) if found else 0.0, found)
 
 
-def crop_box(box: tuple[int, int, int, int], width: int, height: int, margin: float) -> tuple[int, int, int, int]:
-    """``box`` grown by ``margin`` times its width and height on every side, kept inside the image."""
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    x0, y0, x1, y1 = box
-    dx, dy = round((x1 - x0) * margin), round((y1 - y0) * margin)
-    return max(0, x0 - dx), max(0, y0 - dy), min(width, x1 + dx), min(height, y1 + dy)
-
-
 def lesions_of_batch(logits: np.ndarray, image_sizes: np.ndarray, failed: np.ndarray,
                      threshold: float = MASK_THRESHOLD) -> dict[str, np.ndarray]:
     """The served step's outputs for N images: ``mask`` (N x Hmax x Wmax uint8, each image's mask
@@ -109,3 +101,49 @@ def lesions_of_batch(logits: np.ndarray, image_sizes: np.ndarray, failed: np.nda
         out["area"][i, 0] = lesion.area_fraction
         out["found"][i, 0] = lesion.found
     return out
+
+
+def lesion_boxes(logits: np.ndarray, image_sizes: np.ndarray, failed: np.ndarray,
+                 threshold: float = MASK_THRESHOLD) -> list[tuple[int, int, int, int]]:
+    """Each image's lesion box (NO_BOX where none was found or the image failed), from N x 1 x S x S logits."""
+    return [tuple(int(v) for v in box) for box in lesions_of_batch(logits, image_sizes, failed, threshold)["box"]]  # type: ignore[misc]
+
+
+def crop_batch(images: list[bytes], logits: np.ndarray, image_sizes: np.ndarray, failed: np.ndarray, inputs,
+               threshold: float, margin: float, **preprocess: object) -> tuple[object, np.ndarray, np.ndarray]:
+    """The served crop step: (preprocess_batch_rows of the lesion crops, N x 4 int32 rectangles cut,
+    N x 1 bool lesion found). A row whose image failed keeps its error and zero pixels; a row with no
+    lesion is the whole image (found False)."""
+    from lesionserve.preprocessing import preprocess_batch_rows
+
+    boxes = lesion_boxes(logits, image_sizes, failed, threshold)
+    batch = preprocess_batch_rows(images, inputs, boxes=boxes, margin=margin, **preprocess)  # type: ignore[arg-type]
+    found = np.array([[box != NO_BOX] for box in boxes], bool).reshape(-1, 1)
+    return batch, np.asarray(batch.crops, np.int32).reshape(-1, 4), found
+
+
+def encode_crops(images: list[bytes], boxes: list[tuple[int, int, int, int]], margin: float,
+                 **limits: int) -> tuple[list[bytes], np.ndarray]:
+    """The BLS variant's crop: each image cut to its lesion (+ margin) and re-encoded as PNG
+    (lossless: the classifier decodes exactly the crop's pixels), with the rectangles cut (N x 4).
+    An image that cannot be decoded is passed on unchanged, so the classifier reports its error."""
+    import cv2
+
+    from lesionserve.cropping import crop_to_lesion
+    from lesionserve.preprocessing import ImageDecodeError, decode_image
+
+    out, rects = [], []
+    for data, box in zip(images, boxes):
+        try:
+            rgb = decode_image(data, **limits)
+        except ImageDecodeError:
+            out.append(data)
+            rects.append(NO_BOX)
+            continue
+        crop, rect, _ = crop_to_lesion(rgb, box, margin)
+        ok, encoded = cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not ok:
+            raise RuntimeError(f"OpenCV could not PNG-encode a {crop.shape[1]}x{crop.shape[0]} crop")
+        out.append(encoded.tobytes())
+        rects.append(rect)
+    return out, np.asarray(rects, np.int32).reshape(-1, 4)

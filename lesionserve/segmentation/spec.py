@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lesionserve.architectures import IMAGENET, Normalization
+from lesionserve.cropping import CROP_MARGIN
 from lesionserve.pipelines import Preprocessing
 from lesionserve.segmentation.postprocess import MASK_THRESHOLD
 
@@ -108,3 +109,66 @@ class SegmentationPipeline:
 
 #: The served segmentation pipeline.
 LESION_SEGMENT = SegmentationPipeline()
+
+
+#: How the crop pipeline is served: a Triton ensemble (segmenter logits -> crop step -> the
+#: classifier's steps, no image re-encoded) or a BLS python model (calls the segmentation
+#: pipeline, crops, re-encodes the crop and calls the crop classifier's ensemble).
+CROP_MODES: tuple[str, ...] = ("ensemble", "bls")
+
+
+@dataclass(frozen=True)
+class CropPipeline:
+    """Crop-guided classification: segment, cut the lesion's bounding rectangle grown by ``margin``
+    from the original image, classify the crop with ``classifier`` (views, fusion, thresholds as
+    any ensemble). An image where no lesion is found is classified whole and says so (``cropped``).
+
+    It owns one or two models (``model_names``); the segmentation and classifier pipelines it calls
+    must be served from the same repository.
+    """
+
+    name: str = "lesion_crop"
+    segmentation: SegmentationPipeline = LESION_SEGMENT
+    classifier: Any = None  # an EnsemblePipeline; None: pipelines.LESION_CROP_CLASSIFIER
+    margin: float = CROP_MARGIN
+    mode: str = "ensemble"
+    description: str = "segment the lesion, crop its bounding rectangle (+ margin), classify the crop with the crop-trained ensemble"
+
+    def __post_init__(self) -> None:
+        if self.classifier is None:
+            from lesionserve.pipelines import LESION_CROP_CLASSIFIER
+
+            object.__setattr__(self, "classifier", LESION_CROP_CLASSIFIER)
+        if self.mode not in CROP_MODES:
+            raise ValueError(f"crop pipeline {self.name!r}: mode must be one of {', '.join(CROP_MODES)}, got {self.mode!r}")
+        if not self.margin >= 0:
+            raise ValueError(f"crop pipeline {self.name!r}: margin must be >= 0, got {self.margin}")
+
+    @property
+    def max_batch_size(self) -> int:
+        return min(self.classifier.max_batch_size, self.segmentation.max_batch_size)
+
+    def step(self, role: str) -> str:
+        """``preprocess``: the crop step of the ensemble mode (lesion from the logits, crop, resize, normalise)."""
+        if role != "preprocess":
+            raise ValueError(f"unknown step role {role!r}; roles: preprocess")
+        return f"{self.name}_preprocess"
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.step("preprocess"), self.name) if self.mode == "ensemble" else (self.name,)
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """The pipelines it calls, which the same repository must serve."""
+        return (self.segmentation.name, self.classifier.name)
+
+    def with_parts(self, segmentation: SegmentationPipeline, classifier: Any) -> "CropPipeline":
+        """The same crop pipeline over served variants of its parts (trained sizes, view count)."""
+        from dataclasses import replace
+
+        return replace(self, segmentation=segmentation, classifier=classifier)
+
+
+#: The served crop-guided classifier.
+LESION_CROP = CropPipeline()

@@ -25,8 +25,9 @@ import torch
 from torch.utils.data import Dataset
 
 from lesionserve.architectures import IMAGENET, Normalization
-from lesionserve.preprocessing import ImageDecodeError, decode_image, normalize, resize
+from lesionserve.preprocessing import normalize, resize
 from lesionserve.spec import CLASS_NAMES, NUM_CLASSES
+from lesionserve.training.data import read_rgb
 
 AUGMENT_MODES = ("graded", "basic", "none")
 LEVEL_NAMES = (
@@ -129,7 +130,7 @@ class AugmentedDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence, size: int, levels: Sequence[int], seed: int = 0,
-                 normalization: Normalization = IMAGENET):
+                 normalization: Normalization = IMAGENET, crops=None):
         if len(levels) != NUM_CLASSES:
             raise ValueError(f"expected {NUM_CLASSES} class levels, got {len(levels)}")
         self.samples = list(samples)
@@ -137,6 +138,7 @@ class AugmentedDataset(Dataset):
         self.levels = list(levels)
         self.seed = int(seed)
         self.normalization = normalization
+        self.crops = crops  # segmentation.boxes.CropBoxes: each image cut to its lesion first
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -144,10 +146,7 @@ class AugmentedDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[torch.Tensor, int]:
         epoch, draw, index = (0, key, key) if isinstance(key, (int, np.integer)) else key
         sample = self.samples[index]
-        try:
-            rgb = decode_image(sample.path.read_bytes())
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(f"{sample.path}: {exc}") from None
+        rgb = read_rgb(sample, self.crops)
         rng = np.random.default_rng([self.seed, epoch, draw])
         array = normalize(augment(resize(rgb, self.size), self.levels[sample.label], rng), self.normalization)
         return torch.from_numpy(array), sample.label

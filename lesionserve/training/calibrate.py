@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lesionserve.calibration import Calibration, exceeds
-from lesionserve.pipelines import LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, get_pipeline
+from lesionserve.pipelines import GENERATED_PIPELINES, LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, get_pipeline
 from lesionserve.spec import CLASS_NAMES
 
 THETA_GRID = np.linspace(0.01, 0.99, 199)
@@ -146,7 +146,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", required=True, help="folder with <backbone>/{checkpoint.pt,metrics.json,config.json}")
     parser.add_argument("--views", type=int, default=8, choices=(1, 2, 4, 8), help="TTA views (default %(default)s)")
-    parser.add_argument("--pipeline", default=LESION_ENSEMBLE.name, choices=sorted(PIPELINES),
+    parser.add_argument("--pipeline", default=LESION_ENSEMBLE.name, choices=sorted({**PIPELINES, **GENERATED_PIPELINES}),
                         help="the declared pipeline the artifacts are for (default %(default)s)")
     parser.add_argument("--backbones", nargs="+", metavar="NAME",
                         help="members to fuse (default: every member of the pipeline)")

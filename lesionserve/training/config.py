@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from lesionserve.architectures import ARCHITECTURES, get_architecture
+from lesionserve.cropping import CROP_MARGIN
 from lesionserve.spec import CLASS_NAMES
 
 #: The recipe file used unless ``config`` names another one.
@@ -121,6 +122,12 @@ OPTIONS: dict[str, Option] = {
                       check_text="positive", metavar="N"),
     "seed": Option(int, "seed for initialisation, sampling and augmentation", check=_non_negative, check_text=">= 0",
                    metavar="N"),
+    "crop_boxes": Option(str, "crop every image to its lesion box from this file (`lesionserve crop-boxes`: as the "
+                         "segmenter finds it) before its preprocessing, as the served lesion_crop pipeline does; "
+                         "null = whole images", nullable=True, metavar="CSV"),
+    "crop_margin": Option(float, "margin around the lesion box, as a fraction of its width and height per side "
+                          "(null = lesionserve.cropping.CROP_MARGIN, the served pipeline's)", nullable=True,
+                          check=_non_negative, check_text=">= 0", metavar="F"),
     "max_steps_per_epoch": Option(int, "stop each epoch after N steps (smoke runs)", nullable=True, check=_positive,
                                   check_text="positive", metavar="N"),
     "pretrained": Option(str, "weights to start from: a state-dict file (loaded strictly; a classifier head of "
@@ -273,12 +280,18 @@ def resolve_config(overrides: Mapping[str, Any] | Any) -> dict[str, Any]:
             cfg[key] = str(Path(cfg[key]).expanduser().resolve())
     if cfg["resume"] is not None and not Path(cfg["resume"]).is_file():
         raise FileNotFoundError(f"resume file not found: {cfg['resume']}")
+    if cfg["crop_boxes"] is not None:
+        if not Path(cfg["crop_boxes"]).expanduser().is_file():
+            raise FileNotFoundError(f"crop boxes file not found: {cfg['crop_boxes']} (write one with `lesionserve crop-boxes`)")
+        cfg["crop_boxes"] = str(Path(cfg["crop_boxes"]).expanduser().resolve())
 
     cfg.update(
         input_size=cfg["input_size"] if cfg["input_size"] is not None else backbone.input_size,
         splits=str(splits.resolve()),
         split_seed=cfg["split_seed"] if cfg["split_seed"] is not None else cfg["seed"],
         threads=cfg["threads"] if cfg["threads"] is not None else (os.cpu_count() or 1),
+        # Recorded resolved, so calibration, evaluation and assembly cut the crops training saw.
+        crop_margin=cfg["crop_margin"] if cfg["crop_margin"] is not None else CROP_MARGIN,
     )
     # Identity first (what a person looks for in config.json), then the recipe keys in OPTIONS order.
     return {

@@ -567,26 +567,36 @@ class LesionDataset(Dataset):
     """Samples -> (3 x size x size float32 tensor, label) through the serving transform.
 
     Each item is exactly ``preprocess_rgb(decode_image(bytes), size, normalization)`` (the
-    architecture's statistics); training augmentation lives in ``training.augment.AugmentedDataset``.
+    architecture's statistics), of the lesion crop with ``crops``; training augmentation lives in
+    ``training.augment.AugmentedDataset``.
     """
 
-    def __init__(self, samples: Sequence[Sample], size: int, normalization: Normalization = IMAGENET):
+    def __init__(self, samples: Sequence[Sample], size: int, normalization: Normalization = IMAGENET,
+                 crops: Any = None):
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
         self.samples = list(samples)
         self.size = int(size)
         self.normalization = normalization
+        self.crops = crops
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        try:
-            rgb = decode_image(sample.path.read_bytes())
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(f"{sample.path}: {exc}") from None
+        rgb = read_rgb(sample, self.crops)
         return torch.from_numpy(preprocess_rgb(rgb, self.size, self.normalization)), sample.label
+
+
+def read_rgb(sample: Sample, crops: Any = None) -> np.ndarray:
+    """A sample's decoded RGB image, cut to its lesion box when ``crops`` (segmentation.boxes.CropBoxes)
+    is given: the pixels the served crop pipeline would classify."""
+    try:
+        rgb = decode_image(sample.path.read_bytes())
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{sample.path}: {exc}") from None
+    return rgb if crops is None else crops.crop(sample.image_id, rgb)
 
 
 def validation_samples(config: Mapping[str, Any]) -> list[Sample]:

@@ -200,12 +200,23 @@ def build_data(cfg: Mapping[str, Any], rt: Runtime) -> Data:
     levels = class_levels(np.bincount(labels, minlength=NUM_CLASSES).tolist(), cfg["augment"])
     sampler = EpochSampler(labels, cfg["sampler"], seed=cfg["seed"], rank=rt.rank, world_size=rt.world_size)
     pin = rt.device.type == "cuda"
+    crops = None
+    if cfg["crop_boxes"]:
+        from lesionserve.segmentation.boxes import CropBoxes
+
+        crops = CropBoxes.read(cfg["crop_boxes"], cfg["crop_margin"])
+        missing = sorted({s.image_id for s in train + val} - set(crops.boxes))
+        if missing:  # before the first epoch, not in the middle of one
+            raise ValueError(f"{cfg['crop_boxes']} has no box for {len(missing)} image(s) of the split, e.g. "
+                             f"{', '.join(missing[:3])}: write boxes for the whole split (`lesionserve crop-boxes --splits ...`)")
+        rt.log(f"cropping every image to its lesion box (+{cfg['crop_margin']:g} margin) from {cfg['crop_boxes']}: "
+               f"lesion found in {crops.found_fraction():.1%}, the others whole")
     # A final batch of one image breaks BatchNorm in training mode; drop it in that case only.
     drop_last = len(sampler) > batch and len(sampler) % batch == 1
-    train_loader = DataLoader(AugmentedDataset(train, size, levels, seed=cfg["seed"], normalization=norm), batch_size=batch,
+    train_loader = DataLoader(AugmentedDataset(train, size, levels, seed=cfg["seed"], normalization=norm, crops=crops), batch_size=batch,
                               sampler=sampler, num_workers=rt.workers, drop_last=drop_last, pin_memory=pin)
     # Each process scores its slice of val; confusion matrices are summed across processes.
-    val_loader = DataLoader(LesionDataset(val[rt.rank::rt.world_size], size, norm), batch_size=batch,
+    val_loader = DataLoader(LesionDataset(val[rt.rank::rt.world_size], size, norm, crops), batch_size=batch,
                             num_workers=rt.workers, pin_memory=pin)
     bn_loader = None
     if cfg["precise_bn_batches"] > 0 and len(train) > 1:
@@ -214,7 +225,7 @@ def build_data(cfg: Mapping[str, Any], rt: Runtime) -> Data:
         # batch of one image has no variance to measure (BatchNorm raises on it).
         count = min(len(train), cfg["precise_bn_batches"] * batch)
         pick = np.random.default_rng([cfg["seed"], 0xB4]).permutation(len(train))[:count]
-        bn_loader = DataLoader(LesionDataset([train[i] for i in sorted(pick)], size, norm),
+        bn_loader = DataLoader(LesionDataset([train[i] for i in sorted(pick)], size, norm, crops),
                                batch_size=min(batch, count), drop_last=True, num_workers=rt.workers, pin_memory=pin)
     return Data(train=train, val=val, test_count=len(splits.get("test", [])), pool_count=pool_count,
                 levels=levels, sampler=sampler, train_loader=train_loader, val_loader=val_loader, bn_loader=bn_loader)

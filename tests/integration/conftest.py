@@ -47,6 +47,23 @@ def small_artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def segmenter(tmp_path_factory) -> Path:
+    """A segmenter trained for a few steps at 64 px on synthetic lesions, exported (its folder)."""
+    from lesionserve.export.segmenter_export import export_segmenter
+    from lesionserve.segmentation.train import train_segmenter
+    from lesionserve.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("segserve")
+    data = generate_dataset(root / "data", size=(160, 120), seed=3, class_counts={c: 3 for c in CLASS_NAMES},
+                            repeat_fraction=0.0, progress=False)
+    out = root / "seg" / "segmenter"
+    train_segmenter({"data": str(data.root), "out": str(out), "sizes": [64], "frozen_epochs": 0, "unfrozen_epochs": 2,
+                     "batch_size": 4, "max_steps_per_epoch": 4, "threads": 2})
+    export_segmenter(out / "checkpoint.pt", out / "model.onnx")
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_repository(small_artifacts, tmp_path_factory) -> Path:
     """The committed repository with the 64 px artifacts, T=1 (configs rewritten for 64 px)."""
     return assemble(small_artifacts, out=tmp_path_factory.mktemp("repo64") / "model_repository", views=1)

@@ -6,33 +6,17 @@ import numpy as np
 import pytest
 
 from lesionserve.export.assemble import assemble_pipelines
-from lesionserve.export.segmenter_export import export_segmenter
 from lesionserve.pipelines import LESION_ENSEMBLE
 from lesionserve.segmentation.reference import SegmentationReference
 from lesionserve.segmentation.spec import LESION_SEGMENT
-from lesionserve.segmentation.train import train_segmenter
 from lesionserve.server import TritonServer
 from lesionserve.spec import CLASS_NAMES
-from lesionserve.synthetic import generate_dataset
 from lesionserve_client import LesionClient, SegmentationResult, UndecodableImageError
 
 pytestmark = pytest.mark.integration
 
 #: The issue's bound: served masks equal the reference's on at least this share of pixels.
 MIN_PIXEL_AGREEMENT = 0.999
-
-
-@pytest.fixture(scope="module")
-def segmenter(tmp_path_factory):
-    """A segmenter trained for a few steps at 64 px on synthetic lesions, exported."""
-    root = tmp_path_factory.mktemp("segserve")
-    data = generate_dataset(root / "data", size=(160, 120), seed=3, class_counts={c: 3 for c in CLASS_NAMES},
-                            repeat_fraction=0.0, progress=False)
-    out = root / "seg" / "segmenter"
-    train_segmenter({"data": str(data.root), "out": str(out), "sizes": [64], "frozen_epochs": 0, "unfrozen_epochs": 2,
-                     "batch_size": 4, "max_steps_per_epoch": 4, "threads": 2})
-    export_segmenter(out / "checkpoint.pt", out / "model.onnx")
-    return out
 
 
 @pytest.fixture(scope="module")

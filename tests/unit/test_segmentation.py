@@ -12,8 +12,8 @@ import torch
 from lesionserve.segmentation.data import (SegmentationDataset, joint_augment, kfold, load_pairs, load_task1,
                                            mask_to_grid)
 from lesionserve.segmentation.metrics import TASK1_CUT, dice, iou, summary, thresholded_jaccard
-from lesionserve.segmentation.postprocess import (NO_BOX, bounding_box, crop_box, fill_holes, largest_component,
-                                                  lesion_from_probabilities)
+from lesionserve.cropping import NO_BOX, grow_box
+from lesionserve.segmentation.postprocess import bounding_box, fill_holes, largest_component, lesion_from_probabilities
 from lesionserve.segmentation.spec import SEGMENTER, Segmenter
 from lesionserve.synthetic import generate_dataset
 from lesionserve.training.data import UNKNOWN_LABEL, DatasetError, Sample
@@ -60,10 +60,10 @@ def test_lesion_from_probabilities_maps_to_original_size_and_flags_nothing_found
 
 
 def test_crop_box_grows_by_margin_inside_the_image():
-    assert crop_box((10, 20, 30, 60), 100, 100, 0.1) == (8, 16, 32, 64)
-    assert crop_box((0, 0, 50, 50), 60, 55, 0.5) == (0, 0, 60, 55)
+    assert grow_box((10, 20, 30, 60), 100, 100, 0.1) == (8, 16, 32, 64)
+    assert grow_box((0, 0, 50, 50), 60, 55, 0.5) == (0, 0, 60, 55)
     with pytest.raises(ValueError, match="margin"):
-        crop_box((0, 0, 1, 1), 5, 5, -0.1)
+        grow_box((0, 0, 1, 1), 5, 5, -0.1)
 
 
 # ------------------------------------------------------------------------------------------ metrics

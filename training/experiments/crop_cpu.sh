@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Crop-guided classification on real HAM10000 (seed 004's CropBest), reduced for CPU: the same
+# recipe, split and budget as training/experiments/ham10000_cam.sh (from scratch, 128 px, 150 images
+# per class, lesion-grouped), but every image cut to its lesion box as the served segmenter finds it
+# (runs/seg_real: training/experiments/segmenter_cpu.sh), plus the CROP_MARGIN margin.
+# Then calibration and the side-by-side evaluation: whole-image models and crop models, each on whole
+# images and on crops, on the same test split (lesionserve evaluate --crop-boxes / --no-crop).
+# Resumable: rerun after an interruption. Results: training/results/crop_cpu/, training/RESULTS.md.
+# Usage: training/experiments/crop_cpu.sh [OUT] [WHOLE_ARTIFACTS]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:-runs/crop_real}
+WHOLE=${2:-runs/ham_cam}
+SEG=${SEG:-runs/seg_real/segmenter/checkpoint.pt}
+D=${LESIONSERVE_REAL:-../shared/data/isic-real}
+PY=${PY:-.venv/bin/python}
+SPLITS=$WHOLE/splits.csv
+[ -f "$OUT/boxes.csv" ] || $PY -m lesionserve crop-boxes --splits "$SPLITS" --segmenter "$SEG" --out "$OUT/boxes.csv" --threads 2
+for spec in resnet50:8 densenet121:6 efficientnet_b3:5; do
+  b=${spec%%:*}; e=${spec##*:}; m=crop_$b
+  if [ -f "$OUT/$m/checkpoint.pt" ] && [ -f "$OUT/$m/.done" ]; then continue; fi
+  resume=(); [ -f "$OUT/$m/last.pt" ] && resume=(--resume "$OUT/$m/last.pt")
+  $PY -m training.train --backbone "$b" --data "$D/ham10000_metadata.csv" --layout ham10000 --out "$OUT/$m" \
+    --splits "$SPLITS" --crop-boxes "$OUT/boxes.csv" --profile from_scratch --input-size 128 --max-images-per-class 150 \
+    --epochs "$e" --batch-size 32 --threads 2 "${resume[@]}"
+  touch "$OUT/$m/.done"
+done
+echo TRAINING DONE
