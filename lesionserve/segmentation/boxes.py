@@ -88,8 +88,28 @@ class CropBoxes:
         """``rgb`` cut to its lesion box grown by the margin (the whole image where none was found)."""
         return crop_to_lesion(rgb, self.box(image_id, rgb.shape[1], rgb.shape[0]), self.margin)[0]
 
+    def boxes_of(self, image_ids: Sequence[str], images: Sequence[bytes]) -> list[Box]:
+        """The boxes of encoded images (for ReferencePipeline.run), each checked against its size."""
+        return [self.box(image_id, *_image_size(data)) for image_id, data in zip(image_ids, images)]
+
+    @classmethod
+    def of_training(cls, config: Mapping) -> "CropBoxes | None":
+        """The crops a training run (its config.json) cut: None for whole images."""
+        return cls.read(config["crop_boxes"], config["crop_margin"]) if config.get("crop_boxes") else None
+
     def found_fraction(self) -> float:
         return sum(b.box != NO_BOX for b in self.boxes.values()) / max(1, len(self.boxes))
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, from the header where it can be read."""
+    from lesionserve.preprocessing import decode_image, image_header_size
+
+    size = image_header_size(data)
+    if size is None:
+        rgb = decode_image(data)
+        size = (rgb.shape[1], rgb.shape[0])
+    return int(size[0]), int(size[1])
 
 
 def write_boxes(path: str | Path, rows: Sequence[tuple[str, ImageBox]]) -> Path:
@@ -127,20 +147,13 @@ def segmenter_boxes(samples: Sequence, checkpoint: str | Path, batch: int = 8, t
 
 def mask_boxes(samples: Sequence, masks_csv: str | Path) -> list[tuple[str, ImageBox]]:
     """Each sample's expert-mask lesion (largest component, holes filled); not found without a mask."""
-    from lesionserve.preprocessing import image_header_size
     from lesionserve.segmentation.postprocess import bounding_box, fill_holes, largest_component
     from lesionserve.training.masks import load_mask_index, read_mask
 
     index = load_mask_index(masks_csv)
     rows = []
     for s in samples:
-        data = Path(s.path).read_bytes()
-        size = image_header_size(data)
-        if size is None:
-            from lesionserve.preprocessing import decode_image
-
-            rgb = decode_image(data)
-            size = (rgb.shape[1], rgb.shape[0])
+        size = _image_size(Path(s.path).read_bytes())
         path = index.get(s.image_id)
         box = NO_BOX if path is None else bounding_box(fill_holes(largest_component(read_mask(path, size))))
         rows.append((s.image_id, ImageBox(int(size[0]), int(size[1]), box, "masks")))

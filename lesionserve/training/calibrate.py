@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lesionserve.calibration import Calibration, exceeds
 from lesionserve.pipelines import GENERATED_PIPELINES, LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, get_pipeline
+from lesionserve.segmentation.boxes import CropBoxes
 from lesionserve.spec import CLASS_NAMES
 
 THETA_GRID = np.linspace(0.01, 0.99, 199)
@@ -114,15 +115,18 @@ def calibrate(
     # The backbones share one validation split (same data, fraction and seed); read it from the first.
     config = json.loads((artifacts / backbones[0] / "config.json").read_text())
     samples = validation_samples(config)
+    crops = CropBoxes.of_training(config)  # crop-trained members are calibrated on the crops they classify
     # Thresholds are chosen on the fused outputs these weights produce, before any threshold exists.
     pipeline = ReferencePipeline.from_artifacts(
-        artifacts, views=views, backbones=backbones, calibration=Calibration(weights=weights), pipeline=pipeline
+        artifacts, views=views, backbones=backbones, calibration=Calibration(weights=weights), pipeline=pipeline,
+        **({"crop_margin": crops.margin} if crops else {}),
     )
     chunks = [samples[i : i + CHUNK] for i in range(0, len(samples), CHUNK)]
-    probs = np.concatenate([
-        pipeline.run([Path(s.path).read_bytes() for s in chunk]).probs
-        for chunk in tqdm(chunks, desc=f"validation TTA x{views}", unit="batch", file=sys.stderr)
-    ])
+    probs = []
+    for chunk in tqdm(chunks, desc=f"validation TTA x{views}" + (" on lesion crops" if crops else ""), unit="batch", file=sys.stderr):
+        images = [Path(s.path).read_bytes() for s in chunk]
+        probs.append(pipeline.run(images, crops.boxes_of([s.image_id for s in chunk], images) if crops else None).probs)
+    probs = np.concatenate(probs)
     labels = np.array([s.label for s in samples])
     thresholds, notes = calibrate_thresholds(probs, labels, rules)  # rules name classes of CLASS_NAMES
     calibration = Calibration(
@@ -136,6 +140,7 @@ def calibrate(
             "threshold_selection": notes,
             "rules": [r.__dict__ for r in rules],
             "operator": "p > theta",
+            "crop_boxes": crops and str(crops.path),
         },
     )
     calibration.save(artifacts / "calibration.json")

@@ -49,7 +49,8 @@ from tqdm import tqdm
 
 from lesionserve import prog
 from lesionserve.calibration import Calibration
-from lesionserve.pipelines import LESION_ENSEMBLE
+from lesionserve.cropping import CROP_MARGIN, NO_BOX
+from lesionserve.pipelines import GENERATED_PIPELINES, LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, get_pipeline
 from lesionserve.spec import ALLOWED_VIEWS, CLASS_NAMES, NUM_CLASSES, check_views
 from lesionserve.training.data import ISIC_SPLITS, LAYOUTS, Sample, class_counts
 from lesionserve.training.metrics import (
@@ -71,8 +72,9 @@ BACKBONE_NAMES = LESION_ENSEMBLE.member_names
 
 def backbone_arg(value: str) -> str:
     """argparse ``type=`` for a member name: the error lists the valid names."""
-    if value not in BACKBONE_NAMES:
-        raise argparse.ArgumentTypeError(f"unknown backbone {value!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+    known = {m for p in (*PIPELINES.values(), *GENERATED_PIPELINES.values()) for m in p.member_names}
+    if value not in known:
+        raise argparse.ArgumentTypeError(f"unknown backbone {value!r}; choose one of {', '.join(sorted(known))}")
     return value
 
 
@@ -94,10 +96,10 @@ class EvaluationError(ValueError):
 # ------------------------------------------------------------------------------------------ inputs
 
 
-def available_backbones(artifacts: str | Path) -> list[str]:
-    """Backbones with ``<artifacts>/<backbone>/checkpoint.pt``, in BACKBONE_NAMES order."""
+def available_backbones(artifacts: str | Path, pipeline: EnsemblePipeline = LESION_ENSEMBLE) -> list[str]:
+    """Members of ``pipeline`` with ``<artifacts>/<member>/checkpoint.pt``, in declaration order."""
     artifacts = Path(artifacts)
-    return [b for b in BACKBONE_NAMES if (artifacts / b / "checkpoint.pt").is_file()]
+    return [b for b in pipeline.member_names if (artifacts / b / "checkpoint.pt").is_file()]
 
 
 @dataclass
@@ -356,8 +358,9 @@ class Predictions:
 
 
 def predict(pipeline: Any, samples: Sequence[Sample], chunk_size: int = DEFAULT_CHUNK,
-            progress: bool = True) -> Predictions:
-    """Run ``pipeline`` (a ReferencePipeline at T views) and its T=1 twin over ``samples`` in chunks."""
+            progress: bool = True, crops: Any = None) -> Predictions:
+    """Run ``pipeline`` (a ReferencePipeline at T views) and its T=1 twin over ``samples`` in chunks,
+    each image cut to its lesion box first where ``crops`` (segmentation.boxes.CropBoxes) is given."""
     from lesionserve.reference import ReferencePipeline
 
     views = pipeline.views
@@ -365,6 +368,7 @@ def predict(pipeline: Any, samples: Sequence[Sample], chunk_size: int = DEFAULT_
     single_view = pipeline if views == 1 else ReferencePipeline(
         pipeline.models, pipeline.calibration, views=1, batch_size=pipeline.batch_size, max_pixels=pipeline.max_pixels,
         input_sizes=pipeline.input_sizes, pipeline=pipeline.pipeline,  # the trained sizes, as the T-view pass
+        crop_margin=pipeline.crop_margin,
     )
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("single", "ensemble", "tta", "decided", "fired")}
     with tqdm(total=len(samples), desc=f"evaluating (T=1 and T={views})", unit="img", file=sys.stderr,
@@ -372,8 +376,9 @@ def predict(pipeline: Any, samples: Sequence[Sample], chunk_size: int = DEFAULT_
         for start in range(0, len(samples), chunk_size):
             chunk = samples[start:start + chunk_size]
             images = [Path(s.path).read_bytes() for s in chunk]
-            one = single_view.run(images)
-            many = one if views == 1 else pipeline.run(images)
+            boxes = crops.boxes_of([s.image_id for s in chunk], images) if crops is not None else None
+            one = single_view.run(images, boxes)
+            many = one if views == 1 else pipeline.run(images, boxes)
             decided, fired = pipeline.calibration.decide(many.probs, pipeline.pipeline.class_names)
             for key, value in (("single", one.backbone_probs), ("ensemble", one.probs), ("tta", many.probs),
                                ("decided", decided), ("fired", fired)):
@@ -529,7 +534,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     backbone_notes = []
     for b in result["backbones"]:
         trained = result["training_input_size"].get(b)
-        served = LESION_ENSEMBLE.member(b).preprocessing.size
+        served = get_pipeline(result.get("pipeline", LESION_ENSEMBLE.name)).member(b).preprocessing.size
         size = trained if trained is not None else served
         # The reference pipeline evaluates each model at the resolution it was trained at.
         note = f"{b} (weight {result['calibration']['weights'].get(b, float('nan')):.3f}, evaluated at {size}px"
@@ -537,6 +542,12 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             note += f"; the committed repository serves {served}px: serve it with `export.assemble --out`, which generates a repository for {size}px"
         backbone_notes.append(note + ")")
     lines.append("- backbones: " + "; ".join(backbone_notes))
+    crops = result.get("crops") or {}
+    lines.append("- input: " + (f"each image cut to its lesion box (+{crops['margin']:g} margin) from `{crops['boxes']}`; "
+                                f"lesion found in {crops['found']} of {result['images']}, the others classified whole"
+                                if crops.get("boxes") else "whole images")
+                 + (f" (the models were trained on {'crops' if crops.get('trained_on_crops') else 'whole images'})"
+                    if crops else ""))
     thresholds = result["calibration"]["thresholds"]
     lines.append(f"- views: T={result['views']} (dihedral prefix); thresholds: "
                  + (", ".join(f"{k} > {v:.3f}" for k, v in thresholds.items()) or "none")
@@ -586,6 +597,24 @@ def default_out(artifacts: str | Path, split: str | None = None, data: str | Pat
     return Path(artifacts) / f"eval_{safe}"
 
 
+def _crops(artifacts: Path, backbones: Sequence[str], crop_boxes: str | Path | None) -> tuple[Any, bool]:
+    """(the CropBoxes to cut, or None; whether the members were trained on crops), refusing members
+    trained on different crops: their fused outputs would mix two inputs."""
+    from lesionserve.segmentation.boxes import CropBoxes
+
+    configs = {b: _read_json(artifacts / b / "config.json") or {} for b in backbones}
+    trained = {(c.get("crop_boxes"), c.get("crop_margin") if c.get("crop_boxes") else None) for c in configs.values()}
+    if len(trained) > 1:
+        raise EvaluationError(f"the members were trained on different inputs ({sorted(map(str, trained))}): "
+                              "evaluate them separately with --backbones")
+    (trained_boxes, trained_margin), = trained
+    if crop_boxes == "auto":
+        return (CropBoxes.read(trained_boxes, trained_margin) if trained_boxes else None), bool(trained_boxes)
+    if crop_boxes is None:
+        return None, bool(trained_boxes)
+    return CropBoxes.read(crop_boxes, trained_margin if trained_margin is not None else CROP_MARGIN), bool(trained_boxes)
+
+
 def evaluate(
     artifacts: str | Path,
     split: str | None = None,
@@ -601,6 +630,8 @@ def evaluate(
     data: str | Path | None = None,
     layout: str = "auto",
     isic_split: str | None = None,
+    pipeline: EnsemblePipeline = LESION_ENSEMBLE,
+    crop_boxes: str | Path | None = "auto",
 ) -> dict[str, Any]:
     """Evaluate ``<artifacts>``; writes the report files to ``out`` and returns the metrics dict.
 
@@ -609,6 +640,9 @@ def evaluate(
     ``training.data.load_dataset``), checked against the artifacts' own train and val splits
     (``training_overlap``). ``backbones`` defaults to every backbone with a checkpoint;
     ``calibration`` (a Calibration or a file) defaults to ``<artifacts>/calibration.json``.
+    ``pipeline``: the declaration the members belong to. ``crop_boxes``: "auto" cuts the crops the
+    members were trained on (none for whole-image models); a boxes file crops with it (at the
+    members' training margin, else CROP_MARGIN); None classifies whole images.
     """
     from lesionserve.reference import ReferencePipeline
 
@@ -624,11 +658,13 @@ def evaluate(
     views = check_views(views)
     if n_boot < 0:
         raise EvaluationError(f"bootstrap resamples must be >= 0, got {n_boot}")
-    backbones = list(backbones) if backbones else available_backbones(artifacts)
+    backbones = list(backbones) if backbones else available_backbones(artifacts, pipeline)
     if not backbones:
-        raise EvaluationError(f"no <backbone>/checkpoint.pt under {artifacts} (backbones: {', '.join(BACKBONE_NAMES)})")
+        raise EvaluationError(f"no <backbone>/checkpoint.pt under {artifacts} (members of {pipeline.name}: "
+                              f"{', '.join(pipeline.member_names)})")
     for b in backbones:
-        LESION_ENSEMBLE.member(b)  # ValueError listing the valid names
+        pipeline.member(b)  # ValueError listing the valid names
+    crops, trained_on_crops = _crops(artifacts, backbones, crop_boxes)
     if calibration is None or isinstance(calibration, (str, Path)):
         calibration_path = Path(calibration) if calibration is not None else artifacts / CALIBRATION_FILENAME
         if not calibration_path.is_file():
@@ -651,8 +687,10 @@ def evaluate(
     out = Path(out) if out is not None else default_out(artifacts, split, data)
     out.mkdir(parents=True, exist_ok=True)
 
-    pipeline = ReferencePipeline.from_artifacts(artifacts, views=views, backbones=backbones, calibration=calibration)
-    pred = predict(pipeline, samples, chunk_size=chunk_size, progress=progress)
+    declared = pipeline
+    pipeline = ReferencePipeline.from_artifacts(artifacts, views=views, backbones=backbones, calibration=calibration,
+                                                pipeline=declared, **({"crop_margin": crops.margin} if crops else {}))
+    pred = predict(pipeline, samples, chunk_size=chunk_size, progress=progress, crops=crops)
     y_true = np.array([s.label for s in samples], dtype=np.int64)
 
     rows = []
@@ -672,7 +710,11 @@ def evaluate(
         "image_overlap": eval_set.image_overlap,
         "lesion_clean": eval_set.lesion_clean,
         "views": views,
+        "pipeline": declared.name,
         "backbones": list(backbones),
+        "crops": {"boxes": str(crops.path) if crops else None, "margin": crops.margin if crops else None,
+                  "found": sum(crops.boxes[s.image_id].box != NO_BOX for s in samples) if crops else None,
+                  "trained_on_crops": trained_on_crops},
         "training_input_size": _training_sizes(artifacts, backbones),
         "calibration": {
             "source": calibration_source,
@@ -738,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(ISIC2018_Task3_{Training,Validation,Test}_*)")
     parser.add_argument("--views", type=int, choices=ALLOWED_VIEWS, default=8, help="TTA views T (default: 8)")
     parser.add_argument("--backbones", nargs="+", type=backbone_arg, default=None, metavar="NAME",
-                        help=f"backbones to use, of {', '.join(BACKBONE_NAMES)} (default: every one with a checkpoint)")
+                        help="members to use (default: every member of --pipeline with a checkpoint)")
     parser.add_argument("--calibration", type=Path, default=None, metavar="JSON",
                         help="calibration file (default: DIR/calibration.json)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -750,6 +792,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"images per pipeline call (default: {DEFAULT_CHUNK})")
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--pipeline", default=LESION_ENSEMBLE.name, choices=sorted({**PIPELINES, **GENERATED_PIPELINES}),
+                        help="the declared pipeline the artifacts' members belong to (default %(default)s)")
+    crop = parser.add_mutually_exclusive_group()
+    crop.add_argument("--crop-boxes", type=Path, default=None, metavar="CSV",
+                      help="cut every image to its lesion box from this file (`lesionserve crop-boxes`) before "
+                           "classifying (default: the crops the members were trained on, none for whole-image models)")
+    crop.add_argument("--no-crop", action="store_true", help="classify whole images, even with crop-trained members")
     return parser
 
 
@@ -769,7 +818,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate(args.artifacts, split=args.split, splits_file=args.splits, views=args.views,
                           backbones=args.backbones, out=args.out, n_boot=args.bootstrap, seed=args.seed,
                           calibration=args.calibration, chunk_size=args.chunk, progress=not args.no_progress,
-                          data=args.data, layout=args.layout, isic_split=args.isic_split)
+                          data=args.data, layout=args.layout, isic_split=args.isic_split,
+                          pipeline=get_pipeline(args.pipeline),
+                          crop_boxes=None if args.no_crop else (args.crop_boxes or "auto"))
     except (FileNotFoundError, ValueError) as exc:  # EvaluationError, DatasetError, CalibrationError
         print(f"error: {exc}", file=sys.stderr)
         return 1
