@@ -3,13 +3,14 @@
     python -m lesionserve.demo            # what `make demo` runs
 
 1. generate a synthetic ISIC-layout dataset (600x450 JPEGs),
-2. train ResNet50@224, DenseNet121@224 and EfficientNet-B3@300 briefly (from scratch), and the
-   U-Net lesion segmenter on the lesions' own masks,
+2. train ResNet50@224, DenseNet121@224 and EfficientNet-B3@300 briefly (from scratch), the U-Net
+   lesion segmenter on the lesions' own masks, and the same three on the lesions' crops (as the
+   segmenter finds them),
 3. calibrate fusion weights and MEL/AKIEC thresholds on the validation split,
 4. export each backbone and the segmenter to ONNX (each checked against PyTorch),
-5. assemble one repository serving both pipelines and start tritonserver on free loopback ports,
-6. classify held-out images through the client SDK, print the table, write Grad-CAM overlays, and
-   segment them (mask outlines and boxes, scored against their masks),
+5. assemble one repository serving the three pipelines and start tritonserver on free loopback ports,
+6. classify held-out images through the client SDK, print the table, write Grad-CAM overlays,
+   segment them (mask outlines and boxes, scored against their masks) and classify their crops,
 7. compare with the in-process reference pipelines, then shut the server down.
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ from lesionserve.spec import CLASS_NAMES
 
 #: The demo's segmenter: progressive resizing at small sizes, so it trains in about a minute.
 DEMO_SEGMENTER_SIZES = (64, 96)
+#: The crop-trained members' side: a lesion crop holds fewer pixels than the whole image.
+DEMO_CROP_SIZE = 128
 
 
 def stage(number: int, text: str) -> None:
@@ -38,8 +41,12 @@ def run_demo(args: argparse.Namespace) -> float:
     """Run every stage; returns the max |Triton - reference| over fused probabilities."""
     from lesionserve.export.assemble import assemble_pipelines
     from lesionserve.export.segmenter_export import export_segmenter
-    from lesionserve.segmentation.reference import SegmentationReference
-    from lesionserve.segmentation.spec import LESION_SEGMENT
+    from lesionserve.cropping import NO_BOX
+    from lesionserve.pipelines import LESION_CROP_CLASSIFIER
+    from lesionserve.segmentation.boxes import segmenter_boxes, write_boxes
+    from lesionserve.segmentation.reference import CropReference, SegmentationReference
+    from lesionserve.segmentation.spec import LESION_CROP, LESION_SEGMENT
+    from lesionserve.training.data import load_dataset
     from lesionserve.segmentation.train import train_segmenter
     from lesionserve.export.onnx_export import export_onnx
     from lesionserve.reference import ReferencePipeline
@@ -69,22 +76,39 @@ def run_demo(args: argparse.Namespace) -> float:
                      "frozen_epochs": 0, "unfrozen_epochs": args.epochs, "unfrozen_lr": args.lr,
                      "batch_size": args.batch_size, "seed": args.seed, "save_state": False})
 
+    stage(2, "crop-guided members: each image cut to its lesion as the segmenter finds it (+ margin), then trained")
+    crop_dir = out / "crop"
+    rows = segmenter_boxes(load_dataset(data.root), out / "segmenter" / "checkpoint.pt", progress=False)
+    write_boxes(crop_dir / "boxes.csv", rows)
+    print(f"  boxes: lesion found in {sum(b.box != NO_BOX for _, b in rows)}/{len(rows)} images -> {crop_dir / 'boxes.csv'}")
+    for member in LESION_CROP_CLASSIFIER.members:
+        stage(2, f"training {member.name} ({member.architecture} @{DEMO_CROP_SIZE} on lesion crops, {args.epochs} epochs)")
+        train({
+            "backbone": member.architecture, "data": str(data.root), "out": str(crop_dir / member.name),
+            "splits": str(out / "splits.csv"),  # the whole-image members' split: one held-out set for both
+            "crop_boxes": str(crop_dir / "boxes.csv"), "input_size": DEMO_CROP_SIZE,
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "save_state": False,
+        })
+
     stage(3, f"calibrating fusion weights and thresholds on validation TTA outputs (T={args.views})")
     calibration = calibrate(out, views=args.views)
     print("  weights: " + ", ".join(f"{k} {v:.3f}" for k, v in calibration.weights.items()))
     print("  thresholds: " + ", ".join(f"{k} {v:.3f} ({calibration.meta['threshold_selection'][k]})" for k, v in calibration.thresholds.items()))
+    crop_calibration = calibrate(crop_dir, views=args.views, pipeline=LESION_CROP_CLASSIFIER)
+    print("  crop members' weights: " + ", ".join(f"{k} {v:.3f}" for k, v in crop_calibration.weights.items()))
 
     stage(4, "exporting ONNX (each checked against PyTorch)")
-    for backbone in pipeline.member_names:
-        r = export_onnx(out / backbone / "checkpoint.pt", out / backbone / "model.onnx")
+    for folder, backbone in [(out, b) for b in pipeline.member_names] + [(crop_dir, b) for b in LESION_CROP_CLASSIFIER.member_names]:
+        r = export_onnx(folder / backbone / "checkpoint.pt", folder / backbone / "model.onnx")
         print(f"  {backbone}: max |ORT - torch| on logits {r.max_abs_diff:.2e} (limit {r.atol:.0e})")
     r = export_segmenter(out / "segmenter" / "checkpoint.pt", out / "segmenter" / "model.onnx")
     print(f"  segmenter: max |ORT - torch| on logits {r.max_abs_diff:.2e}; masks agree on {r.mask_agreement:.4%} of pixels")
 
-    stage(5, "assembling one repository (classifier and segmenter) and starting tritonserver")
+    stage(5, "assembling one repository (classifier, segmenter, crop-guided classifier) and starting tritonserver")
     # The committed repository serves the classifier alone; with the segmenter, a generated copy.
-    repository = assemble_pipelines([(pipeline, out), (LESION_SEGMENT, out / "segmenter")], out=out / "model_repository",
-                                    views=args.views)
+    repository = assemble_pipelines([(pipeline, out), (LESION_SEGMENT, out / "segmenter"),
+                                     (LESION_CROP_CLASSIFIER, crop_dir), (LESION_CROP, None)],
+                                    out=out / "model_repository", views=args.views)
     images = sorted(held_out.images_dir.glob("*.jpg"))
     truth = _truth(held_out.labels_csv)
     with TritonServer(repository, grpc_port=0, http_port=0, metrics_port=0) as server:
@@ -110,6 +134,14 @@ def run_demo(args: argparse.Namespace) -> float:
             lesions = client.segment([str(p) for p in images])
             seconds = time.perf_counter() - start
         print("  " + _segmented(images, lesions, held_out.masks_csv, out / "segment", seconds))
+        with LesionClient(server.grpc_url) as client:  # and classified again, on their lesions' crops
+            start = time.perf_counter()
+            cropped = client.classify([str(p) for p in images], crop=True)
+            seconds = time.perf_counter() - start
+        print(format_table([f"{p.name} (true {truth[p.stem]})" for p in images], cropped))
+        print(f"  crop-guided in {seconds:.2f}s: {sum(r.cropped for r in cropped)}/{len(images)} lesion crops; "
+              f"{sum(r.label == truth[p.stem] for p, r in zip(images, cropped))}/{len(images)} correct "
+              f"(whole images: {sum(r.label == truth[p.stem] for p, r in zip(images, results))}/{len(images)})")
     print("  tritonserver stopped")
 
     stage(7, "parity: the same images through the in-process PyTorch reference pipeline")
@@ -122,7 +154,14 @@ def run_demo(args: argparse.Namespace) -> float:
     agree = min(float((got.mask == ref.mask).mean()) for got, ref in zip(lesions, want))
     boxes = sum(got.box == (ref.box if ref.found else None) for got, ref in zip(lesions, want))
     print(f"  segmentation: masks agree with the reference on >= {agree:.4%} of pixels; boxes equal {boxes}/{len(images)}")
-    (out / "demo_summary.json").write_text(json.dumps({"parity_max_abs_diff": diff, "labels_equal": same, "images": len(images)}, indent=2))
+    crop_ref = CropReference.from_artifacts([out / "segmenter" / "checkpoint.pt"], crop_dir, views=args.views)
+    want_crop = crop_ref.classify([p.read_bytes() for p in images])
+    crop_diff = float(np.abs(np.array([[r.probabilities[c] for c in CLASS_NAMES] for r in cropped]) - want_crop.result.probs).max())
+    same_crops = sum(r.crop_box == box for r, box in zip(cropped, want_crop.crops))
+    print(f"  crop-guided: max |Triton - reference| {crop_diff:.2e}; rectangles equal {same_crops}/{len(images)}; "
+          f"labels equal {sum(r.label == l for r, l in zip(cropped, want_crop.result.labels))}/{len(images)}")
+    (out / "demo_summary.json").write_text(json.dumps({"parity_max_abs_diff": diff, "labels_equal": same, "images": len(images),
+                                                       "crop_parity_max_abs_diff": crop_diff}, indent=2))
     return diff
 
 

@@ -7,7 +7,8 @@ import os
 import sys
 from typing import Optional, Sequence, TextIO
 
-from .client import DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_URL, EXPLAIN_METHODS, SEGMENT_MODEL, LesionClient, validate_url
+from .client import (CROP_MODEL, DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_URL, EXPLAIN_METHODS, SEGMENT_MODEL, LesionClient,
+                     validate_url)
 from .encoding import encode_png
 from .errors import LesionServeError, ServerUnavailableError
 from .results import LesionResult
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--explain-class", metavar="NAME", help="with --explain: the class to explain (default: each predicted label)")
     classify.add_argument("--explain-method", default="gradcam", choices=EXPLAIN_METHODS,
                           help="with --explain: the map (default: %(default)s)")
+    classify.add_argument("--crop", action="store_true",
+                          help="crop-guided: segment, classify the lesion's crop (the lesion_crop pipeline); the table "
+                               "gains the rectangle classified")
+    classify.add_argument("--crop-model", default=CROP_MODEL, help=f"with --crop: the crop pipeline (default: {CROP_MODEL})")
+    classify.add_argument("--crop-overlay", metavar="OUTDIR",
+                          help="with --crop: write one PNG per image (the rectangle classified and the label) into OUTDIR")
     segment = commands.add_parser(
         "segment", help="segment the lesion of one or more image files",
         description="Segment each image's lesion (the lesion_segment ensemble): prints its box (x0, y0, x1, y1 in "
@@ -127,13 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_table(images: Sequence[str], results: Sequence[LesionResult]) -> str:
-    """An aligned text table, one row per image."""
-    header = ("IMAGE", "LABEL", "CONFIDENCE", "TOP-3", "THRESHOLDS FIRED")
+    """An aligned text table, one row per image (with a CROP column for crop-guided results)."""
+    crop = any(r.crop_box is not None for r in results)
+    header = ("IMAGE", "LABEL", "CONFIDENCE", "TOP-3", "THRESHOLDS FIRED") + (("CROP",) if crop else ())
     rows = [header]
     for image, result in zip(images, results):
         top3 = ", ".join(f"{name} {prob:.3f}" for name, prob in result.top(3))
         fired = ",".join(result.thresholds_fired) or "-"
-        rows.append((image, result.label, f"{result.confidence:.3f}", top3, fired))
+        where = ((",".join(map(str, result.crop_box)) if result.cropped else "whole image (no lesion found)",) if crop else ())
+        rows.append((image, result.label, f"{result.confidence:.3f}", top3, fired) + where)
     widths = [max(len(row[col]) for row in rows) for col in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
@@ -156,7 +165,7 @@ def _classify(args: argparse.Namespace, client: LesionClient, out: TextIO) -> No
             results = client.classify(args.images, explain=True, explain_class=args.explain_class,
                                       explain_method=args.explain_method)
         else:
-            results = client.classify(args.images)
+            results = client.classify(args.images, crop=args.crop, crop_model=args.crop_model)
     if args.json:
         payload = [{"image": image, **result.to_dict()} for image, result in zip(args.images, results)]
         json.dump(payload, out, indent=2)
@@ -166,6 +175,12 @@ def _classify(args: argparse.Namespace, client: LesionClient, out: TextIO) -> No
     if args.explain:
         written = write_overlays(args.images, results, args.explain)
         print(f"{len(written)} overlay(s) in {args.explain}", file=sys.stderr)
+    if args.crop_overlay:
+        os.makedirs(args.crop_overlay, exist_ok=True)
+        for image, result in zip(args.images, results):
+            with open(os.path.join(args.crop_overlay, f"{os.path.splitext(os.path.basename(image))[0]}_crop.png"), "wb") as f:
+                f.write(encode_png(result.crop_overlay(image)))
+        print(f"{len(results)} overlay(s) in {args.crop_overlay}", file=sys.stderr)
 
 
 def _segment(args: argparse.Namespace, client: LesionClient, out: TextIO) -> None:
@@ -196,6 +211,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--root-certificates is only used over TLS: add --ssl")
     if args.command == "classify" and args.explain_class is not None and not args.explain:
         parser.error("--explain-class goes with --explain OUTDIR")
+    if args.command == "classify" and args.crop and args.explain:
+        parser.error("--crop and --explain cannot be combined: the crop pipeline serves no heatmaps")
+    if args.command == "classify" and args.crop_overlay and not args.crop:
+        parser.error("--crop-overlay goes with --crop")
     try:
         client = LesionClient(
             args.url, model_name=args.model, timeout=args.timeout, retries=args.retries,

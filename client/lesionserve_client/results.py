@@ -70,6 +70,18 @@ class LesionResult:
         return draw_overlay(image, self.heatmap, f"{cls} {self.probabilities[cls]:.2f}")
 
 
+    def crop_overlay(self, image: Any) -> np.ndarray:
+        """The image with the rectangle classified (yellow) and the label: HxWx3 uint8 RGB. Needs
+        Pillow and a result of ``classify(..., crop=True)``."""
+        from .overlay import _rgb, draw_segmentation
+
+        if self.crop_box is None:
+            raise ValueError("this result has no crop: classify with crop=True")
+        rgb = _rgb(image)
+        caption = f"{self.label} {self.confidence:.2f}" + ("" if self.cropped else " (whole image: no lesion found)")
+        return draw_segmentation(rgb, np.zeros(rgb.shape[:2], bool), self.crop_box if self.cropped else None, caption)
+
+
 def _to_float(value: np.float32) -> float:
     """A plain float via float32's shortest repr, so 0.9 prints as 0.9, not 0.8999999761581421."""
     return float(str(value))

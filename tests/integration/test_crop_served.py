@@ -91,3 +91,18 @@ def test_assembly_refuses_members_trained_on_whole_images(segmenter, crop_artifa
     with pytest.raises(AssembleError, match="crop_resnet50 was trained on whole images"):
         assemble_pipelines([(LESION_SEGMENT, segmenter), (LESION_CROP_CLASSIFIER, copy), (LESION_CROP, None)],
                            out=tmp_path / "repo")
+
+
+def test_client_cli_prints_the_rectangle_classified_and_writes_crop_overlays(server, varied_images, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    path = tmp_path / "lesion.png"
+    path.write_bytes(varied_images["png_320x240"])
+    out = subprocess.run([sys.executable, "-m", "lesionserve_client", "classify", str(path), "--url", server.grpc_url,
+                          "--crop", "--crop-overlay", str(tmp_path / "crops")], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[0].split()[-1] == "CROP" and str(path) in out.stdout
+    assert "1 overlay(s) in" in out.stderr
+    assert Image.open(tmp_path / "crops" / "lesion_crop.png").size == (320, 240)
