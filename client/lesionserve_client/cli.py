@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional, Sequence, TextIO
+from typing import Any, Optional, Sequence, TextIO
 
 from .client import (CROP_MODEL, DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_URL, EXPLAIN_METHODS, SEGMENT_MODEL, LesionClient,
                      validate_url)
@@ -147,16 +147,22 @@ def format_table(images: Sequence[str], results: Sequence[LesionResult]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
-def write_overlays(images: Sequence[str], results: Sequence[LesionResult], outdir: str) -> list[str]:
-    """One ``<stem>_<method>.png`` per image in ``outdir``: the image under its heatmap."""
+def write_pngs(images: Sequence[str], pictures: Sequence[Any], suffixes: Sequence[str], outdir: str) -> list[str]:
+    """``<stem>_<suffix>.png`` in ``outdir`` per image: each picture (HxWx3 uint8) made lazily by a callable."""
     os.makedirs(outdir, exist_ok=True)
     written = []
-    for image, result in zip(images, results):
-        path = os.path.join(outdir, f"{os.path.splitext(os.path.basename(image))[0]}_{result.explain_method}.png")
+    for image, draw, suffix in zip(images, pictures, suffixes):
+        path = os.path.join(outdir, f"{os.path.splitext(os.path.basename(image))[0]}_{suffix}.png")
         with open(path, "wb") as f:
-            f.write(encode_png(result.overlay(image)))
+            f.write(encode_png(draw()))
         written.append(path)
     return written
+
+
+def write_overlays(images: Sequence[str], results: Sequence[LesionResult], outdir: str) -> list[str]:
+    """One ``<stem>_<method>.png`` per image in ``outdir``: the image under its heatmap."""
+    return write_pngs(images, [lambda r=r, i=i: r.overlay(i) for r, i in zip(results, images)],
+                      [r.explain_method for r in results], outdir)
 
 
 def _classify(args: argparse.Namespace, client: LesionClient, out: TextIO) -> None:
@@ -176,11 +182,9 @@ def _classify(args: argparse.Namespace, client: LesionClient, out: TextIO) -> No
         written = write_overlays(args.images, results, args.explain)
         print(f"{len(written)} overlay(s) in {args.explain}", file=sys.stderr)
     if args.crop_overlay:
-        os.makedirs(args.crop_overlay, exist_ok=True)
-        for image, result in zip(args.images, results):
-            with open(os.path.join(args.crop_overlay, f"{os.path.splitext(os.path.basename(image))[0]}_crop.png"), "wb") as f:
-                f.write(encode_png(result.crop_overlay(image)))
-        print(f"{len(results)} overlay(s) in {args.crop_overlay}", file=sys.stderr)
+        written = write_pngs(args.images, [lambda r=r, i=i: r.crop_overlay(i) for r, i in zip(results, args.images)],
+                             ["crop"] * len(results), args.crop_overlay)
+        print(f"{len(written)} overlay(s) in {args.crop_overlay}", file=sys.stderr)
 
 
 def _segment(args: argparse.Namespace, client: LesionClient, out: TextIO) -> None:
@@ -196,11 +200,9 @@ def _segment(args: argparse.Namespace, client: LesionClient, out: TextIO) -> Non
         widths = [max(len(row[c]) for row in rows) for c in range(4)]
         out.write("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows) + "\n")
     if args.overlay:
-        os.makedirs(args.overlay, exist_ok=True)
-        for image, r in zip(args.images, results):
-            with open(os.path.join(args.overlay, f"{os.path.splitext(os.path.basename(image))[0]}_lesion.png"), "wb") as f:
-                f.write(encode_png(r.overlay(image)))
-        print(f"{len(results)} overlay(s) in {args.overlay}", file=sys.stderr)
+        written = write_pngs(args.images, [lambda r=r, i=i: r.overlay(i) for r, i in zip(results, args.images)],
+                             ["lesion"] * len(results), args.overlay)
+        print(f"{len(written)} overlay(s) in {args.overlay}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

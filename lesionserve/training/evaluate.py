@@ -264,21 +264,23 @@ def training_overlap(artifacts: str | Path, backbones: Sequence[str], samples: S
     return result
 
 
-def _split_file_of(artifacts: Path, splits_file: str | Path | None) -> tuple[Path, str | None]:
+def _split_file_of(artifacts: Path, splits_file: str | Path | None,
+                   backbones: Sequence[str] | None = None) -> tuple[Path, str | None]:
     """The split file for --split mode, and a note when it is not the given or default one."""
     if splits_file is not None:
         return Path(splits_file), None
     default = artifacts / SPLITS_FILENAME
     if default.is_file():
         return default, None
-    for backbone in available_backbones(artifacts):
+    for backbone in backbones or available_backbones(artifacts):
         source = recorded_split_file(artifacts, backbone)
         if source.path is not None:
             return source.path, f"no {SPLITS_FILENAME} in the artifacts folder; split file {source.note}"
     return default, None
 
 
-def evaluation_samples(artifacts: str | Path, split: str, splits_file: str | Path | None = None) -> EvalSet:
+def evaluation_samples(artifacts: str | Path, split: str, splits_file: str | Path | None = None,
+                       backbones: Sequence[str] | None = None) -> EvalSet:
     """Samples of ``split`` from a split file, checked against the file's other splits.
 
     The split file is ``splits_file``, else ``<artifacts>/splits.csv``, else the one the first
@@ -289,7 +291,7 @@ def evaluation_samples(artifacts: str | Path, split: str, splits_file: str | Pat
     if split not in EVAL_SPLITS:
         raise EvaluationError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
     artifacts = Path(artifacts)
-    path, note = _split_file_of(artifacts, splits_file)
+    path, note = _split_file_of(artifacts, splits_file, backbones)
     if not path.is_file():
         if splits_file is not None:
             raise EvaluationError(f"split file not found: {path}")
@@ -675,7 +677,7 @@ def evaluate(
     else:
         calibration_source = "given Calibration"
     if data is None:
-        eval_set = evaluation_samples(artifacts, split, splits_file)
+        eval_set = evaluation_samples(artifacts, split, splits_file, backbones)
     else:
         eval_set = dataset_samples(data, layout=layout, isic_split=isic_split)
         check = training_overlap(artifacts, backbones, eval_set.samples)

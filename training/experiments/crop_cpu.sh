@@ -26,3 +26,12 @@ for spec in resnet50:8 densenet121:6 efficientnet_b3:5; do
   touch "$OUT/$m/.done"
 done
 echo TRAINING DONE
+[ -f "$OUT/calibration.json" ] || $PY -m training.calibrate --artifacts "$OUT" --views 2 --pipeline lesion_crop_classify
+# The 2 x 2: {whole-image models, crop models} x {whole images, crops}, one test split, T=2.
+EVAL=(--split test --views 2 --bootstrap 1000 --threads 2 --no-progress)
+evaluate() { local out=$1; shift; [ -f "$out/metrics.json" ] || $PY -m training.evaluate "$@" "${EVAL[@]}" --out "$out"; }
+evaluate "$OUT/eval_whole_models_whole_images" --artifacts "$WHOLE" --no-crop
+evaluate "$OUT/eval_whole_models_crops" --artifacts "$WHOLE" --crop-boxes "$OUT/boxes.csv"
+evaluate "$OUT/eval_crop_models_whole_images" --artifacts "$OUT" --pipeline lesion_crop_classify --no-crop
+evaluate "$OUT/eval_crop_models_crops" --artifacts "$OUT" --pipeline lesion_crop_classify
+echo ALL DONE
