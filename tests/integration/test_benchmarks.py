@@ -93,3 +93,14 @@ def test_segment_benchmark_measures_served_pytorch_and_onnxrt_side_by_side(tmp_p
     assert set(report["medians"]) == {"served", "pytorch", "onnxrt"} and report["size"] == 64
     assert all(v["images_per_s"] > 0 for v in report["medians"].values())
     assert set(report["time_split_8_images"]) == {"decode_preprocess_ms", "network_ms", "postprocess_ms"}
+
+
+def test_crop_benchmark_measures_both_modes_beside_whole_images_and_pytorch(tmp_path):
+    from lesionserve.benchmarks import crop
+
+    argv = ["--size", "64", "--segmenter-size", "64", "--rounds", "1", "--calls", "1", "--images", "synthetic",
+            "--out", str(tmp_path)]
+    assert crop.main(argv) == 0
+    report = json.loads((tmp_path / "crop.json").read_text())
+    assert set(report["medians"]) == {"whole", "ensemble", "bls", "pytorch"} and report["views"] == 1
+    assert all(v["images_per_s"] > 0 for v in report["medians"].values())
