@@ -201,6 +201,20 @@ def _batching(p: EnsemblePipeline, variant: str | None) -> str:
     )
 
 
+def _tensorrt_accelerator(model: str, shapes: dict[str, str]) -> str:
+    """ORT's TensorRT execution provider in FP16 with an engine cache and one optimisation profile."""
+    return (
+        "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator: [\n      {\n"
+        '        name: "tensorrt"\n'
+        '        parameters { key: "precision_mode" value: "FP16" }\n'
+        f'        parameters {{ key: "max_workspace_size_bytes" value: "{TRT_WORKSPACE_BYTES}" }}\n'
+        '        parameters { key: "trt_engine_cache_enable" value: "1" }\n'
+        f'        parameters {{ key: "trt_engine_cache_path" value: "/engine_cache/{model}" }}\n'
+        + "".join(f'        parameters {{ key: "trt_profile_{k}_shapes" value: "{v}" }}\n' for k, v in shapes.items())
+        + "      }\n    ]\n  }\n}\n"
+    )
+
+
 def member_config(p: EnsemblePipeline, m: Member, variant: str | None) -> str:
     """A member's config: python+ORT on CPU; TensorRT plan, ORT+TensorRT EP or torch on the GPU."""
     arch, pre = m.arch, m.preprocessing
@@ -237,15 +251,7 @@ def member_config(p: EnsemblePipeline, m: Member, variant: str | None) -> str:
             "# TensorRT engine at first load and caches it under trt_engine_cache_path (a volume in compose), so\n"
             "# later loads take seconds. The profile matches export.tensorrt's.\n"
             + identity + f'name: "{m.name}"\nbackend: "onnxruntime"\ndefault_model_filename: "model.onnx"\n'
-            + io + _batching(p, variant) + _instances(variant)
-            + "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator: [\n      {\n"
-            '        name: "tensorrt"\n'
-            '        parameters { key: "precision_mode" value: "FP16" }\n'
-            f'        parameters {{ key: "max_workspace_size_bytes" value: "{TRT_WORKSPACE_BYTES}" }}\n'
-            '        parameters { key: "trt_engine_cache_enable" value: "1" }\n'
-            f'        parameters {{ key: "trt_engine_cache_path" value: "/engine_cache/{m.name}" }}\n'
-            + "".join(f'        parameters {{ key: "trt_profile_{k}_shapes" value: "{v}" }}\n' for k, v in shapes.items())
-            + "      }\n    ]\n  }\n}\n"
+            + io + _batching(p, variant) + _instances(variant) + _tensorrt_accelerator(m.name, shapes)
         )
     if variant == "gpu_torch":
         return (
@@ -408,24 +414,53 @@ def render_pipeline(p: EnsemblePipeline) -> dict[str, str]:
     return files
 
 
-def segmenter_config(p: "SegmentationPipeline") -> str:
-    """The segmenter: ONNX Runtime in the python backend (the backbones' code), CPU only so far."""
+#: GPU variants generated for the segmenter: Triton's onnxruntime backend with the TensorRT
+#: execution provider, and PyTorch in the python backend. ``gpu`` (a plan from our engine builder,
+#: whose check compares class probabilities) is not: under --model-config-name=gpu the segmenter
+#: runs its CPU config.
+SEGMENTER_GPU_VARIANTS = ("gpu_ort", "gpu_torch")
+#: The file gpu_torch serves the segmenter from (segmentation.model.trace_segmenter).
+SEGMENTER_TORCHSCRIPT = "model.ts"
+
+
+def segmenter_config(p: "SegmentationPipeline", variant: str | None = None) -> str:
+    """The segmenter: ONNX Runtime in the python backend on CPU (the backbones' code); on a GPU,
+    ORT with the TensorRT EP (gpu_ort) or PyTorch FP16 (gpu_torch)."""
     from lesionserve.segmentation.spec import SEGMENTER_INPUT, SEGMENTER_OUTPUT
 
     s, seg = p.size, p.segmenter
-    return (
-        "# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py). GPU variants\n"
-        "# are not generated for the segmenter yet: a GPU host serves it on the CPU instance below.\n"
-        f"# {seg.name}: U-Net with a {seg.encoder} encoder (segmentation_models_pytorch) at {s} px, "
-        f"{seg.normalization.name} normalisation; mask_logits: lesion logits on the input grid.\n"
-        f'name: "{seg.name}"\nbackend: "python"\nmax_batch_size: {p.max_batch_size}\n'
-        + _tensors("input", [_tensor(SEGMENTER_INPUT, "TYPE_FP32", (3, s, s))])
-        + _tensors("output", [_tensor(SEGMENTER_OUTPUT, "TYPE_FP32", (1, s, s))])
-        + f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[None]}\n}}\n"
-        + _param("intra_op_threads", CPU_INTRA_OP_THREADS) + _param("allow_spinning", 0)
-        + _param("core_lock", "backbones") + _param("run_batch", CPU_RUN_BATCH)
-        + _instances(None)
-    )
+    identity = (f"# {seg.name}: U-Net with a {seg.encoder} encoder (segmentation_models_pytorch) at {s} px, "
+                f"{seg.normalization.name} normalisation; mask_logits: lesion logits on the input grid.\n")
+    io = (_tensors("input", [_tensor(SEGMENTER_INPUT, "TYPE_FP32", (3, s, s))])
+          + _tensors("output", [_tensor(SEGMENTER_OUTPUT, "TYPE_FP32", (1, s, s))])
+          + f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[variant]}\n}}\n")
+    if variant is None:
+        return (
+            "# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py).\n"
+            f"# GPU variants: configs/{{{','.join(SEGMENTER_GPU_VARIANTS)}}}.pbtxt (under gpu, this CPU config is served).\n"
+            + identity + f'name: "{seg.name}"\nbackend: "python"\nmax_batch_size: {p.max_batch_size}\n' + io
+            + _param("intra_op_threads", CPU_INTRA_OP_THREADS) + _param("allow_spinning", 0)
+            + _param("core_lock", "backbones") + _param("run_batch", CPU_RUN_BATCH)
+            + _instances(None)
+        )
+    if variant == "gpu_ort":
+        shapes = {k: f"{SEGMENTER_INPUT}:{n}x3x{s}x{s}" for k, n in (("min", 1), ("opt", p.max_batch_size), ("max", p.max_batch_size))}
+        return (
+            "# Variant gpu_ort: Triton's onnxruntime backend on 1/model.onnx with the TensorRT execution provider\n"
+            "# in FP16 (engine cached under trt_engine_cache_path after the first load).\n"
+            + identity + f'name: "{seg.name}"\nbackend: "onnxruntime"\ndefault_model_filename: "model.onnx"\n'
+            + f"max_batch_size: {p.max_batch_size}\n" + io + _instances(variant) + _tensorrt_accelerator(seg.name, shapes)
+        )
+    if variant == "gpu_torch":
+        return (
+            "# Variant gpu_torch: PyTorch FP16 inside the python backend on the segmenter traced to TorchScript\n"
+            "# (1/model.ts, written by `lesionserve assemble --checkpoints`), CUDA graphs per batch size.\n"
+            + identity + f'name: "{seg.name}"\nbackend: "python"\nmax_batch_size: {p.max_batch_size}\n' + io
+            + _param("runtime", "torch") + _param("checkpoint_file", SEGMENTER_TORCHSCRIPT)
+            + _param("precision", "fp16") + _param("cuda_graphs", "true")
+            + _param("FORCE_CPU_ONLY_INPUT_TENSORS", "no") + _instances(variant)
+        )
+    raise ValueError(f"the segmenter has no variant {variant!r}; variants: {', '.join(SEGMENTER_GPU_VARIANTS)} (or None for CPU)")
 
 
 def segment_post_config(p: "SegmentationPipeline") -> str:
@@ -477,7 +512,9 @@ def render_segmentation(p: "SegmentationPipeline") -> dict[str, str]:
     return {
         f"{pre}/config.pbtxt": preprocess_config(p, None), f"{pre}/1/model.py": model_py("preprocess", STEP_CODE["preprocess"][2]),
         f"{p.segmenter.name}/config.pbtxt": segmenter_config(p),
-        f"{p.segmenter.name}/1/model.py": model_py("onnx_backbone", f"segmenter {p.segmenter.name}: ONNX Runtime on model.onnx"),
+        **{f"{p.segmenter.name}/configs/{v}.pbtxt": segmenter_config(p, v) for v in SEGMENTER_GPU_VARIANTS},
+        f"{p.segmenter.name}/1/model.py": model_py("backbone", f"segmenter {p.segmenter.name}: ONNX Runtime on model.onnx in the CPU "
+                                                   "variant, PyTorch FP16 on checkpoint.pt in gpu_torch (the runtime parameter chooses)"),
         f"{p.step('post')}/config.pbtxt": segment_post_config(p),
         f"{p.step('post')}/1/model.py": model_py("segment_post", "segmenter logits -> mask, box, area, found per image"),
         f"{p.name}/config.pbtxt": segment_ensemble_config(p), f"{p.name}/1/.gitkeep": "",

@@ -91,7 +91,8 @@ class TorchBackbone:
 
     @torch.inference_mode()
     def __call__(self, x: Any) -> torch.Tensor:
-        """N x 3 x S x S float32 (numpy, or a torch tensor on any device) -> N x C float32 on ``device``."""
+        """N x 3 x S x S float32 (numpy, or a torch tensor on any device) -> the model's output (N x C
+        logits; N x 1 x S x S for the segmenter) as float32 on ``device``."""
         x = x.to(self.device) if is_torch(x) else to_torch(np.asarray(x), str(self.device))
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.input_size, self.input_size):
             raise ValueError(f"expected N x 3 x {self.input_size} x {self.input_size} images, got {tuple(x.shape)}")
@@ -131,9 +132,16 @@ def load_torch_backbone(
     cuda_graphs: bool = True,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
 ) -> tuple[str, TorchBackbone]:
-    """(backbone name, runner) from a training checkpoint, at the resolution it was trained at."""
+    """(model name, runner) from a training checkpoint (a classifier's, or the segmenter's), at the
+    resolution it was trained at."""
+    if str(checkpoint).endswith(".ts"):  # the segmenter, traced (segmentation.model.trace_segmenter)
+        from lesionserve.segmentation.model import load_traced_segmenter
+
+        name, model, size = load_traced_segmenter(checkpoint)
+        return name, TorchBackbone(model, size, device=device, half=half, cuda_graphs=cuda_graphs, buckets=buckets)
     from lesionserve.models import load_checkpoint, trained_input_size  # timm: only the torch variant needs it
 
     spec, model, payload = load_checkpoint(checkpoint)
     size = trained_input_size(payload, spec)
     return spec.name, TorchBackbone(model, size, device=device, half=half, cuda_graphs=cuda_graphs, buckets=buckets)
+

@@ -19,7 +19,7 @@ from lesionserve.calibration import Calibration
 from lesionserve.onnx_session import make_session, run_in_chunks
 from lesionserve.preprocessing import preprocess_batch
 from lesionserve.reference import ReferencePipeline
-from lesionserve.pipelines import LESION_ENSEMBLE
+from lesionserve.pipelines import LESION_ENSEMBLE, EnsemblePipeline
 from lesionserve.views import make_views
 
 
@@ -48,11 +48,12 @@ class OrtPipeline(ReferencePipeline):
         return run_in_chunks(self.models[name], views, self.batch_size)
 
     @classmethod
-    def from_onnx(cls, artifacts: Path, views: int, threads: int, batch_size: int = 64) -> "OrtPipeline":
-        sessions = onnx_sessions(artifacts, threads)
+    def from_onnx(cls, artifacts: Path, views: int, threads: int, batch_size: int = 64,
+                  pipeline: EnsemblePipeline = LESION_ENSEMBLE) -> "OrtPipeline":
+        sessions = onnx_sessions(artifacts, threads, pipeline.member_names)
         sizes = {name: input_size(s) for name, s in sessions.items()}
         calibration = Calibration.load(Path(artifacts) / "calibration.json")
-        return cls(sessions, calibration, views=views, input_sizes=sizes, batch_size=batch_size)
+        return cls(sessions, calibration, views=views, input_sizes=sizes, batch_size=batch_size, pipeline=pipeline)
 
 
 def seconds_per_view(session: ort.InferenceSession, views: np.ndarray, batch: int, repeats: int) -> float:

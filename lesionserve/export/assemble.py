@@ -32,7 +32,7 @@ from lesionserve.calibration import Calibration, CalibrationError
 from lesionserve.explain import CAMS_OUTPUT
 from lesionserve.export.checks import NORMALIZATION_KEY
 from lesionserve.pipelines import GENERATED_PIPELINES, LESION_CROP_CLASSIFIER, LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, Member, get_pipeline
-from lesionserve.repository import DEFAULT_REPOSITORY, check_repository, write_repository
+from lesionserve.repository import DEFAULT_REPOSITORY, SEGMENTER_TORCHSCRIPT, check_repository, write_repository
 from lesionserve.segmentation.spec import CROP_MODES, LESION_CROP, CropPipeline, SegmentationPipeline
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, check_views
 
@@ -45,7 +45,9 @@ def artifact_files(artifacts: Path, pipeline: EnsemblePipeline = LESION_ENSEMBLE
     """Source file -> destination paths (relative to the repository) for one pipeline's artifacts folder
     (a segmentation pipeline's: the segmenter's folder, ``model.onnx`` from ``export-segmenter``)."""
     if isinstance(pipeline, SegmentationPipeline):
-        return {artifacts / "model.onnx": [f"{pipeline.segmenter.name}/1/model.onnx"]}
+        # With checkpoints, checkpoint.pt is traced into <segmenter>/1/model.ts (place_artifacts), not copied.
+        return {artifacts / "model.onnx": [f"{pipeline.segmenter.name}/1/model.onnx"],
+                **({artifacts / "checkpoint.pt": []} if checkpoints else {})}
     files = {artifacts / m / "model.onnx": [f"{m}/1/model.onnx"] for m in pipeline.member_names}
     roles = ("fusion", "threshold", "heatmap") if pipeline.explainable else ("fusion", "threshold")
     files[artifacts / "calibration.json"] = [f"{pipeline.step(r)}/1/calibration.json" for r in roles]
@@ -266,6 +268,10 @@ def assemble_pipelines(
         for src, destinations in artifact_files(a, s, checkpoints).items():
             for rel in destinations:
                 _atomic_copy(src, target / rel)
+        if checkpoints and isinstance(s, SegmentationPipeline):
+            from lesionserve.segmentation.model import trace_segmenter  # torch: only for the gpu_torch variant
+
+            trace_segmenter(a / "checkpoint.pt", target / s.segmenter.name / "1" / SEGMENTER_TORCHSCRIPT)
     return target
 
 

@@ -54,3 +54,41 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path} does not fit the {type(encoder).__name__} encoder: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
     encoder.load_state_dict(state, strict=True)
+
+
+#: TorchScript of the segmenter for the gpu_torch variant: the python backend loads it without
+#: importing segmentation_models_pytorch, whose hub import pulls in ssl, which the bundled stub's
+#: interpreter cannot load (measured: "_ssl...so: undefined symbol: _PyModule_Add").
+TORCHSCRIPT_META = "lesionserve.json"
+
+
+def trace_segmenter(checkpoint: str | Path, out: str | Path, atol: float = 1e-5) -> Path:
+    """Trace the checkpoint to TorchScript at ``out``, checked against the eager model on a batch of
+    another size than the trace example (the batch axis must stay free); written only if it agrees."""
+    import json
+
+    segmenter, model, size, _ = load_segmenter(checkpoint)
+    with torch.inference_mode():
+        traced = torch.jit.trace(model, torch.zeros(2, 3, size, size), check_trace=False)
+        x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+        diff = float((traced(x) - model(x)).abs().max())
+    if not diff <= atol:
+        raise ValueError(f"{checkpoint}: traced segmenter differs from the eager one by {diff:.2e} (atol {atol:.0e})")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_META: json.dumps({"name": segmenter.name, "input_size": size})})
+    tmp.replace(out)
+    return out
+
+
+def load_traced_segmenter(path: str | Path) -> tuple[str, torch.nn.Module, int]:
+    """(name, TorchScript module, input size) of a trace_segmenter file."""
+    import json
+
+    extra = {TORCHSCRIPT_META: ""}
+    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    meta = json.loads(extra[TORCHSCRIPT_META] or "{}")
+    if "input_size" not in meta:
+        raise ValueError(f"{path} is not a traced segmenter (no {TORCHSCRIPT_META}); assemble with --checkpoints again")
+    return meta["name"], module.eval(), int(meta["input_size"])

@@ -102,5 +102,6 @@ def test_crop_benchmark_measures_both_modes_beside_whole_images_and_pytorch(tmp_
             "--out", str(tmp_path)]
     assert crop.main(argv) == 0
     report = json.loads((tmp_path / "crop.json").read_text())
-    assert set(report["medians"]) == {"whole", "ensemble", "bls", "pytorch"} and report["views"] == 1
+    assert set(report["medians"]) == {"whole", "ensemble", "bls", "pytorch", "onnxrt"} and report["views"] == 1
     assert all(v["images_per_s"] > 0 for v in report["medians"].values())
+    assert set(report["time_split_8_images"]) == {"decode_preprocess_ms", "segmenter_ms", "boxes_ms", "crop_and_classify_ms"}

@@ -70,3 +70,28 @@ def test_client_cli_prints_boxes_and_writes_one_overlay_per_image(server, varied
     assert out.stdout.splitlines()[0].split() == ["IMAGE", "FOUND", "BOX", "AREA"] and str(path) in out.stdout
     assert "1 overlay(s) in" in out.stderr
     assert Image.open(tmp_path / "seg" / "lesion_lesion.png").size == (320, 240)
+
+
+def test_the_gpu_torch_segmenter_on_a_cpu_instance_equals_the_reference(small_artifacts, segmenter, varied_images,
+                                                                        tmp_path_factory):
+    """The segmenter's gpu_torch config (PyTorch in the python backend on checkpoint.pt), moved to a
+    CPU instance: the torch runtime's code path wherever the tests run (FP16 and graphs need CUDA)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    repo = assemble_pipelines([(LESION_ENSEMBLE, small_artifacts), (LESION_SEGMENT, segmenter)], checkpoints=True,
+                              out=tmp_path_factory.mktemp("repo_seg_torch") / "model_repository", views=1)
+    folder = repo / LESION_SEGMENT.segmenter.name
+    config = text_format.Parse((folder / "configs" / "gpu_torch.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    for group in config.instance_group:
+        group.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
+    (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
+    (folder / "1" / "model.onnx").unlink()  # only the torch runtime can serve now
+    blobs = list(varied_images.values())
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, startup_timeout=240) as running:
+        with LesionClient(running.grpc_url) as client:
+            served = client.segment(blobs)
+    want = SegmentationReference([segmenter / "checkpoint.pt"]).segment(blobs)
+    worst = min(float((got.mask == ref.mask).mean()) for got, ref in zip(served, want))
+    print(f"gpu_torch segmenter on CPU: masks agree on >= {worst:.4%} of pixels")
+    assert worst >= MIN_PIXEL_AGREEMENT and all(g.box == (r.box if r.found else None) for g, r in zip(served, want))

@@ -144,8 +144,8 @@ FULL = [LESION_ENSEMBLE, LESION_SEGMENT, LESION_CROP_CLASSIFIER, LESION_CROP,
 
 
 @pytest.mark.parametrize("path,text", sorted((p, t) for p, t in render_repository(FULL).items()
-                                             if p.endswith(".pbtxt") and "lesion_crop" in p))
-def test_crop_configs_parse_with_tritons_schema(path, text):
+                                             if p.endswith(".pbtxt") and ("lesion_crop" in p or p.startswith(("segmenter/", "lesion_segment")))))
+def test_crop_and_segmentation_configs_parse_with_tritons_schema(path, text):
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
     assert config.name == path.split("/")[0] and text.startswith("#")
 

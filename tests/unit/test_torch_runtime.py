@@ -68,6 +68,22 @@ def test_load_torch_backbone_reads_name_and_resolution_when_checkpoint_saved(tmp
     assert tuple(runner(np.zeros((2, 3, 64, 64), np.float32)).shape) == (2, 7)
 
 
+def test_load_torch_backbone_serves_the_traced_segmenter_as_pytorch_does(tmp_path):
+    from lesionserve.segmentation.model import save_segmenter, trace_segmenter
+    from lesionserve.segmentation.spec import SEGMENTER
+
+    torch.manual_seed(0)
+    model = SEGMENTER.create().eval()
+    save_segmenter(tmp_path / "s.pt", model, 64)
+    name, runner = load_torch_backbone(trace_segmenter(tmp_path / "s.pt", tmp_path / "model.ts"), device="cpu",
+                                       half=False, cuda_graphs=False)
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    with torch.inference_mode():
+        want = model(torch.from_numpy(x)).numpy()
+    assert name == SEGMENTER.name and runner.input_size == 64
+    np.testing.assert_allclose(runner(x).numpy(), want, atol=1e-5)
+
+
 @needs_cuda
 def test_torch_backbone_graphs_match_fp32_eager_when_batches_straddle_buckets():
     model = _tiny_model()
