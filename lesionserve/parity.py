@@ -77,3 +77,39 @@ def compare_logits(
 ) -> ParityReport:
     """Compare two N x C logit arrays through their softmax probabilities."""
     return compare_probabilities(softmax(np.asarray(reference)), softmax(np.asarray(candidate)), min_agreement, max_prob_diff)
+
+
+#: Share of pixels whose mask (logit above the threshold's logit) must agree, as the segmenter's export check.
+DEFAULT_MIN_MASK_AGREEMENT = 0.999
+
+
+@dataclass(frozen=True)
+class MaskParityReport:
+    """Agreement of two segmenters' masks (the decision served), with the largest logit gap for information."""
+
+    rows: int
+    pixel_agreement: float
+    max_logit_diff: float
+    min_agreement: float
+
+    @property
+    def passed(self) -> bool:
+        return self.pixel_agreement >= self.min_agreement
+
+    def summary(self) -> str:
+        return (f"masks agree on {self.pixel_agreement:.4%} of pixels (>= {self.min_agreement:.1%}), max |logit diff| "
+                f"{self.max_logit_diff:.2e} over {self.rows} images: {'ok' if self.passed else 'FAILED'}")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def compare_masks(reference: np.ndarray, candidate: np.ndarray, threshold: float,
+                  min_agreement: float = DEFAULT_MIN_MASK_AGREEMENT) -> MaskParityReport:
+    """Compare two N x 1 x S x S logit arrays through their masks (probability > ``threshold``)."""
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    if reference.shape != candidate.shape or reference.ndim != 4 or len(reference) == 0:
+        raise ValueError(f"expected two equal non-empty N x 1 x S x S arrays, got {reference.shape} and {candidate.shape}")
+    logit = float(np.log(threshold / (1 - threshold)))
+    return MaskParityReport(len(reference), float(((reference > logit) == (candidate > logit)).mean()),
+                            float(np.abs(reference - candidate).max()), min_agreement)

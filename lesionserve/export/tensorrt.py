@@ -1,4 +1,4 @@
-"""Stage 3 of export: ONNX -> TensorRT FP16 engine per backbone, checked against ONNX Runtime.
+"""Stage 3 of export: ONNX -> TensorRT FP16 engine per backbone (and the segmenter), checked against ONNX Runtime.
 
     python -m export.tensorrt --repository model_repository       # ONNX already assembled there (compose)
     python -m export.tensorrt --artifacts runs/demo                # ONNX from runs/demo/<backbone>/model.onnx
@@ -8,7 +8,7 @@ For each backbone: build ``<repository>/<backbone>/1/model.plan`` with the Tenso
 one optimisation profile of batch 1 / 32 / 64, a workspace limit, a timing cache reused across
 builds), run the engine and ONNX Runtime on the same served-like inputs (synthetic lesions through
 the shared preprocessing), and install the plan only if they agree: >= 99.5 % argmax agreement and
-max probability difference <= 1e-2. ``model.plan.json`` beside it records the TensorRT version, GPU
+max probability difference <= 1e-2 (the segmenter: masks agreeing on >= 99.9 % of pixels). ``model.plan.json`` beside it records the TensorRT version, GPU
 name, compute capability, profile, build seconds and the check.
 
 An engine runs only under the TensorRT version that built it, on GPUs of the architecture it was
@@ -43,7 +43,9 @@ import numpy as np
 
 from lesionserve.pipelines import PIPELINES, declared_member, declared_pipeline
 from lesionserve.repository import DEFAULT_REPOSITORY
-from lesionserve.parity import DEFAULT_MAX_PROB_DIFF, DEFAULT_MIN_AGREEMENT, ParityReport, compare_logits
+from lesionserve.parity import (DEFAULT_MAX_PROB_DIFF, DEFAULT_MIN_AGREEMENT, MaskParityReport, ParityReport, compare_logits,
+                               compare_masks)
+from lesionserve.segmentation.spec import LESION_SEGMENT, SEGMENTER, SEGMENTER_INPUT, SEGMENTER_OUTPUT
 from lesionserve.spec import (
     ALLOWED_VIEWS,
     BACKBONE_INPUT,
@@ -59,6 +61,8 @@ DEFAULT_CHECK_IMAGES = 256
 #: The check feeds the engine batches of these sizes in turn: the profile's min, a single image's
 #: eight views and the max (None: the profile's), so the whole profile range is exercised, not one shape.
 CHECK_CHUNKS = (1, 8, None)
+#: Images of the segmenter's engine check (each brings S x S pixels to compare).
+SEGMENTER_CHECK_IMAGES = 32
 PLAN_FILE = "model.plan"
 
 
@@ -86,6 +90,11 @@ class Profile:
     min_batch: int
     opt_batch: int
     max_batch: int
+    output_name: str = BACKBONE_OUTPUT  # the segmenter's: mask_logits
+
+    @property
+    def segmenter(self) -> bool:
+        return self.output_name == SEGMENTER_OUTPUT
 
     def shape(self, batch: int) -> tuple[int, int, int, int]:
         return (batch, 3, self.input_size, self.input_size)
@@ -109,6 +118,13 @@ def served_max_batch(repository: Path, member: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def served_input_size(repository: Path, member: str) -> int | None:
+    """The input side of ``member``'s gpu config in ``repository`` (dims [ 3, S, S ]), if there."""
+    path = repository / member / "configs" / "gpu.pbtxt"
+    match = re.search(r"dims: \[ 3, (\d+), \1 \]", path.read_text()) if path.is_file() else None
+    return int(match.group(1)) if match else None
+
+
 def engine_profile(
     backbone: str, opt_batch: int = DEFAULT_OPT_BATCH, max_batch: int | None = None, input_size: int | None = None,
     fan_out: int | None = None,
@@ -120,6 +136,11 @@ def engine_profile(
     ``input_size``: the side the ONNX file takes (its trained size, see onnx_input_size); default the
     size its committed pipeline declares.
     """
+    if backbone == SEGMENTER.name:  # the segmenter: one row per image, no views
+        fan_out = fan_out or LESION_SEGMENT.max_batch_size
+        max_batch = max_batch or fan_out
+        return Profile(SEGMENTER_INPUT, input_size or LESION_SEGMENT.size, 1, min(opt_batch, max_batch), max_batch,
+                       SEGMENTER_OUTPUT)
     if fan_out is None:
         fan_out = declared_pipeline(backbone).member_max_batch
     max_batch = max_batch or fan_out
@@ -366,11 +387,12 @@ class EngineRunner:
         if self.engine is None:
             raise EngineBuildError(format_build_errors("deserialising the engine", [], self.logger.messages))
         self.context = self.engine.create_execution_context()
-        self.classes = int(self.engine.get_tensor_shape(BACKBONE_OUTPUT)[-1])
+        # One row of the output: C logits (a backbone) or 1 x S x S mask logits (the segmenter).
+        self.row_shape = tuple(int(d) for d in self.engine.get_tensor_shape(profile.output_name)[1:])
         rows = profile.max_batch
         c = self.cudart
         self.d_in = _cuda(c, c.cudaMalloc(rows * 3 * profile.input_size**2 * 4), "cudaMalloc (input)")
-        self.d_out = _cuda(c, c.cudaMalloc(rows * self.classes * 4), "cudaMalloc (output)")
+        self.d_out = _cuda(c, c.cudaMalloc(rows * int(np.prod(self.row_shape)) * 4), "cudaMalloc (output)")
         self.stream = _cuda(c, c.cudaStreamCreate(), "cudaStreamCreate")
 
     def __call__(self, x: np.ndarray, chunks: Sequence[int | None] = CHECK_CHUNKS) -> np.ndarray:
@@ -381,12 +403,12 @@ class EngineRunner:
             if not self.context.set_input_shape(self.profile.input_name, chunk.shape):
                 raise EngineBuildError(f"engine refused input shape {chunk.shape} (profile {self.profile.to_json()})")
             self.context.set_tensor_address(self.profile.input_name, int(self.d_in))
-            self.context.set_tensor_address(BACKBONE_OUTPUT, int(self.d_out))
+            self.context.set_tensor_address(self.profile.output_name, int(self.d_out))
             _cuda(c, c.cudaMemcpy(self.d_in, chunk.ctypes.data, chunk.nbytes, c.cudaMemcpyKind.cudaMemcpyHostToDevice), "copy in")
             if not self.context.execute_async_v3(int(self.stream)):
                 raise EngineBuildError(format_build_errors("running the engine", [], self.logger.messages))
             _cuda(c, c.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-            host = np.empty((len(chunk), self.classes), np.float32)
+            host = np.empty((len(chunk), *self.row_shape), np.float32)
             _cuda(c, c.cudaMemcpy(host.ctypes.data, self.d_out, host.nbytes, c.cudaMemcpyKind.cudaMemcpyDeviceToHost), "copy out")
             out.append(host)
         return np.concatenate(out)
@@ -411,15 +433,20 @@ def check_engine(
     images: int = DEFAULT_CHECK_IMAGES,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     max_prob_diff: float = DEFAULT_MAX_PROB_DIFF,
-) -> ParityReport:
-    """Engine vs ONNX Runtime (CPU, FP32) on ``images`` synthetic lesions through the shared preprocessing."""
+) -> "ParityReport | MaskParityReport":
+    """Engine vs ONNX Runtime (CPU, FP32) on ``images`` synthetic lesions through the shared preprocessing:
+    class probabilities for a backbone, masks (compare_masks) for the segmenter."""
     from lesionserve.export.checks import check_batch, onnx_normalization, ort_logits, ort_session
 
     session = ort_session(onnx_path)
+    if profile.segmenter:
+        images = min(images, SEGMENTER_CHECK_IMAGES)  # 1 x S x S logits per image: fewer images suffice
     x = check_batch(profile.input_size, batch=images, seed=1, normalization=onnx_normalization(session))
     reference = ort_logits(session, x)
     with EngineRunner(plan, profile) as run:
         candidate = run(x)
+    if profile.segmenter:
+        return compare_masks(reference, candidate, SEGMENTER.threshold)
     return compare_logits(reference, candidate, min_agreement, max_prob_diff)
 
 
@@ -508,6 +535,9 @@ def describe(metadata: dict[str, Any]) -> str:
     if metadata.get("skipped"):
         return f"{metadata['backbone']}: model.plan is up to date ({where}); --force rebuilds"
     check = metadata["check"]
+    if "pixel_agreement" in check:
+        return (f"{metadata['backbone']}: built model.plan in {metadata['build_seconds']}s ({where}); vs ONNX Runtime: "
+                f"masks agree on {check['pixel_agreement']:.4%} of pixels (>= {check['min_agreement']:.1%}) over {check['rows']} images")
     return (
         f"{metadata['backbone']}: built model.plan in {metadata['build_seconds']}s ({where}); vs ONNX Runtime: "
         f"argmax agreement {check['argmax_agreement']:.2%} (>= {check['min_agreement']:.1%}), "
@@ -557,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_trtexec:
         for b in args.backbones:
             onnx = (args.artifacts / b / "model.onnx") if args.artifacts else repository / b / "1" / "model.onnx"
-            size = onnx_input_size(onnx) if onnx.is_file() else None  # no file yet: the declared size
+            # No file yet: the size the repository's config serves (else the declared one).
+            size = onnx_input_size(onnx) if onnx.is_file() else served_input_size(repository, b)
             command = trtexec_command(onnx, repository / b / "1" / PLAN_FILE, engine_profile(b, args.opt_batch, input_size=size, fan_out=served_max_batch(repository, b)), args.workspace_gb, args.timing_cache)
             print(" ".join(command))
         return 0

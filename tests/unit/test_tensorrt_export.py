@@ -198,3 +198,28 @@ def test_build_backbone_installs_checked_plan_and_metadata_when_tensorrt_and_gpu
     assert saved["check"]["passed"] and saved["profile"]["max"] == [64, 3, 224, 224] and saved["gpu_name"]
     assert meta["tensorrt_version"] == saved["tensorrt_version"]
     assert trt_export.build_backbone("resnet50", onnx, plan, options).get("skipped") is True  # current: kept
+
+
+def test_segmenter_engine_profile_is_per_image_and_its_plan_is_listed_from_a_generated_repository(tmp_path, capsys):
+    from lesionserve.repository import write_repository
+    from lesionserve.segmentation.spec import LESION_SEGMENT
+
+    profile = engine_profile("segmenter", input_size=192)
+    assert (profile.output_name, profile.segmenter, profile.input_size, profile.max_batch) == ("mask_logits", True, 192, 8)
+    write_repository(tmp_path, [LESION_ENSEMBLE, LESION_SEGMENT.with_input_size(192)])
+    assert "segmenter" in trt_export.engine_members(tmp_path)
+    assert trt_export.main(["--repository", str(tmp_path), "--print-trtexec", "--backbones", "segmenter"]) == 0
+    assert "--maxShapes=pixel_values:8x3x192x192" in capsys.readouterr().out
+
+
+def test_compare_masks_passes_on_the_decision_not_on_the_logits():
+    from lesionserve.parity import compare_masks
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 4, size=(2, 1, 32, 32))
+    near = compare_masks(reference, reference + 0.05 * np.sign(reference), threshold=0.5)
+    assert near.passed and near.pixel_agreement == 1.0 and near.max_logit_diff > 0.04
+    flipped = reference.copy()
+    flipped[0, 0, :4] *= -1  # 128 of 2048 pixels change side
+    report = compare_masks(reference, flipped, threshold=0.5)
+    assert not report.passed and abs(report.pixel_agreement - (1 - 128 / 2048)) < 1e-9 and "FAILED" in report.summary()
