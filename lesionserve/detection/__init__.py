@@ -1,0 +1,1 @@
+"""The YOLO11 lesion detector (seed 000's system): boxes, dataset writer, training, serving."""
