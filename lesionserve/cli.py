@@ -140,6 +140,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment-evaluate": ("lesionserve.segmentation.evaluate", "score segmenter checkpoints: Jaccard, Task 1 thresholded Jaccard, Dice"),
     "crop-boxes": ("lesionserve.segmentation.boxes", "lesion boxes per image (segmenter or expert masks) for crop-guided training"),
     "detect-boxes": ("lesionserve.detection.box_report", "seed 000's saliency boxes against the expert masks' boxes, per class"),
+    "detect-dataset": ("lesionserve.detection.dataset", "write a lesion-grouped split in the ultralytics detection layout"),
     "evaluate-maps": ("lesionserve.training.map_eval", "score heatmaps against lesion masks (mass inside, pointing game, baselines)"),
     "export": ("lesionserve.export.onnx_export", "export a checkpoint to ONNX, checked against PyTorch"),
     "export-segmenter": ("lesionserve.export.segmenter_export", "export a segmenter checkpoint to ONNX, checked against PyTorch"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -85,3 +86,38 @@ def test_detect_boxes_reports_per_class_and_counts_images_without_masks(tmp_path
     assert set(report["summary"]) <= {"MEL", "NV", "DF", "all"}
     out = capsys.readouterr().out
     assert (tmp_path / "r" / "box_iou.png").stat().st_size > 0 and "1 image(s) without a mask were skipped" in out
+
+
+def test_repeat_factors_are_capped_inverse_frequency():
+    from lesionserve.detection.dataset import repeat_factors
+
+    assert repeat_factors({0: 100, 1: 10, 2: 1, 3: 40}, cap=5) == {0: 1, 1: 5, 2: 5, 3: 2}
+    with pytest.raises(ValueError, match="repeat cap must be >= 1"):
+        repeat_factors({0: 1}, cap=0)
+
+
+@pytest.mark.parametrize("source", ["masks", "saliency"])
+def test_dataset_writer_writes_the_ultralytics_layout_with_repeated_rare_classes(tmp_path, source):
+    from lesionserve.detection.dataset import write_dataset
+    from lesionserve.synthetic import generate_dataset
+    from lesionserve.training.data import load_dataset
+    from lesionserve.training.masks import load_mask_index
+
+    data = generate_dataset(tmp_path / "data", size=(160, 120), seed=4, class_counts={"MEL": 2, "NV": 6, "DF": 1},
+                            repeat_fraction=0.0, progress=False)
+    samples = load_dataset(data.root)
+    index = load_mask_index(data.root / "masks.csv")
+    index.pop(samples[0].image_id)  # no mask: left out with --boxes masks, kept with saliency
+    manifest = write_dataset({"train": samples[:-1], "val": samples[-1:]}, tmp_path / "det", source, index, progress=False)
+    out = tmp_path / "det"
+    expected_train = len(samples) - 1 - (source == "masks")
+    assert manifest["images"] == {"train": expected_train, "val": 1}
+    label = (out / "labels" / "val" / f"{samples[-1].image_id}.txt").read_text().split()
+    assert int(label[0]) == samples[-1].label and len(label) == 5 and all(0 < float(v) <= 1 for v in label[1:])
+    assert Path((out / "images" / "val").iterdir().__next__()).suffix == ".jpg"
+    train = (out / "train.txt").read_text().split()
+    assert len(train) == manifest["train_list_length"] == sum(manifest["train_list_per_class"].values())
+    nv, df = manifest["repeat_factor"]["NV"], manifest["repeat_factor"].get("DF")
+    assert nv == 1 and (df is None or df > 1)
+    yaml = (out / "data.yaml").read_text()
+    assert "train: train.txt" in yaml and "  0: MEL" in yaml and "  6: VASC" in yaml
