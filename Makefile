@@ -16,7 +16,7 @@ $(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml client/pypro
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . -e client
-	$(PY) -c "import numpy, torch, timm, onnxruntime, tritonclient.grpc, pytriton, cv2, pytorch_grad_cam, segmentation_models_pytorch; assert numpy.__version__ < '2'"
+	$(PY) -c "import numpy, torch, timm, onnxruntime, tritonclient.grpc, pytriton, cv2, pytorch_grad_cam, segmentation_models_pytorch, ultralytics; assert numpy.__version__ < '2'"
 	$(PY) -c "from importlib.metadata import distributions as d; cv = sorted({x.metadata['Name'] for x in d() if x.metadata['Name'].lower().startswith('opencv')}); assert len(cv) == 1, f'exactly one OpenCV must be installed, found {cv}'"
 	touch $(STAMP)
 

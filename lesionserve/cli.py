@@ -141,6 +141,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "crop-boxes": ("lesionserve.segmentation.boxes", "lesion boxes per image (segmenter or expert masks) for crop-guided training"),
     "detect-boxes": ("lesionserve.detection.box_report", "seed 000's saliency boxes against the expert masks' boxes, per class"),
     "detect-dataset": ("lesionserve.detection.dataset", "write a lesion-grouped split in the ultralytics detection layout"),
+    "detect-train": ("lesionserve.detection.train", "train the YOLO11 detector offline (ultralytics; seed 000's recipe)"),
+    "detect-export": ("lesionserve.detection.export", "export YOLO weights to ONNX (dynamic batch), checked against PyTorch"),
     "evaluate-maps": ("lesionserve.training.map_eval", "score heatmaps against lesion masks (mass inside, pointing game, baselines)"),
     "export": ("lesionserve.export.onnx_export", "export a checkpoint to ONNX, checked against PyTorch"),
     "export-segmenter": ("lesionserve.export.segmenter_export", "export a segmenter checkpoint to ONNX, checked against PyTorch"),

@@ -94,8 +94,10 @@ def write_dataset(splits: Mapping[str, Sequence], out: str | Path, source: str =
             box, width, height = found
             image = out / "images" / split / f"{sample.image_id}{Path(sample.path).suffix.lower()}"
             if not image.exists():
-                try:  # a link where the file system allows it: no copy of the dataset
-                    os.symlink(Path(sample.path).resolve(), image)
+                # A hard link where the file system allows it (no copy of the dataset). Not a symlink:
+                # ultralytics resolves links and would look for the labels beside the original image.
+                try:
+                    os.link(sample.path, image)
                 except OSError:
                     shutil.copyfile(sample.path, image)
             (out / "labels" / split / f"{sample.image_id}.txt").write_text(label_line(sample.label, box, width, height) + "\n")
@@ -103,7 +105,7 @@ def write_dataset(splits: Mapping[str, Sequence], out: str | Path, source: str =
             labels[split].append(sample.label)
     counts = Counter(labels.get("train", []))
     factors = repeat_factors(counts, repeat_cap)
-    lines = [str(p.resolve()) for p, c in zip(kept.get("train", []), labels.get("train", [])) for _ in range(factors[c])]
+    lines = [os.path.abspath(p) for p, c in zip(kept.get("train", []), labels.get("train", [])) for _ in range(factors[c])]
     (out / "train.txt").write_text("\n".join(lines) + "\n")
     yaml = [f"path: {out.resolve()}", "train: train.txt", "val: images/val"]
     if kept.get("test"):
