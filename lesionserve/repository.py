@@ -24,6 +24,7 @@ from lesionserve import PROJECT_ROOT
 from lesionserve.explain import CAM_METHODS, CAMS_OUTPUT
 from lesionserve.pipelines import PIPELINES, EnsemblePipeline, Member
 from lesionserve.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from lesionserve.detection.spec import DetectionPipeline
 from lesionserve.segmentation.spec import CropPipeline, SegmentationPipeline
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, GPU_VARIANTS, TENSORRT_OPT_BATCH, check_views
 
@@ -612,6 +613,75 @@ def render_crop(p: "CropPipeline") -> dict[str, str]:
             f"{p.name}/config.pbtxt": crop_ensemble_config(p), f"{p.name}/1/.gitkeep": ""}
 
 
+def _anchors(imgsz: int) -> int:
+    """Anchor points of a YOLO head at strides 8, 16 and 32."""
+    return sum((imgsz // stride) ** 2 for stride in (8, 16, 32))
+
+
+def render_detection(p: "DetectionPipeline") -> dict[str, str]:
+    """Relative path -> content of every generated file of a detection pipeline."""
+    from lesionserve.detection.spec import DETECTOR_INPUT, DETECTOR_OUTPUT
+
+    s, c, a = p.imgsz, len(p.class_names), _anchors(p.imgsz)
+    pre, nms = p.step("preprocess"), p.step("nms")
+    letterbox = [_tensor(DETECTOR_INPUT, "TYPE_FP32", (3, s, s)), _tensor("letterbox", "TYPE_FP32", (3,)),
+                 _tensor("image_size", "TYPE_INT32", (2,)), _tensor("error", "TYPE_STRING", (1,))]
+    pre_config = (
+        "# Encoded images -> the detector's letterboxed input (lesionserve/detection/preprocess.py: longer side to\n"
+        f"# {s} px, aspect kept, grey padding, /255), each image's letterbox (scale, pad_x, pad_y), size and decode error.\n"
+        + _head(pre, "python", p.max_batch_size)
+        + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,))]) + _tensors("output", letterbox)
+        + _param("imgsz", s) + _param("max_pixels", DEFAULT_MAX_PIXELS) + _param("max_bytes", DEFAULT_MAX_BYTES)
+        + _instances(None)
+    )
+    detector = (
+        "# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py) on the ultralytics\n"
+        f"# export (lesionserve detect-export). output0: per anchor ({a}) the box (cx, cy, w, h on the canvas) and {c} class scores.\n"
+        f'name: "{p.detector}"\nbackend: "python"\nmax_batch_size: {p.max_batch_size}\n'
+        + _tensors("input", [_tensor(DETECTOR_INPUT, "TYPE_FP32", (3, s, s))])
+        + _tensors("output", [_tensor(DETECTOR_OUTPUT, "TYPE_FP32", (4 + c, a))])
+        + f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[None]}\n}}\n"
+        + _param("intra_op_threads", CPU_INTRA_OP_THREADS) + _param("allow_spinning", 0)
+        + _param("core_lock", "backbones") + _param("run_batch", CPU_RUN_BATCH) + _instances(None)
+    )
+    nms_inputs = [_tensor(DETECTOR_OUTPUT, "TYPE_FP32", (-1, 4 + c, a)), _tensor("letterbox", "TYPE_FP32", (-1, 3)),
+                  _tensor("image_size", "TYPE_INT32", (-1, 2)), _tensor("error", "TYPE_STRING", (-1, 1)),
+                  _tensor("conf", "TYPE_FP32", (-1, 1)), _tensor("iou", "TYPE_FP32", (-1, 1)), _tensor("max_det", "TYPE_INT32", (-1, 1))]
+    results = [_tensor("boxes", "TYPE_FP32", (-1, -1, 4)), _tensor("scores", "TYPE_FP32", (-1, -1)),
+               _tensor("classes", "TYPE_INT32", (-1, -1)), _tensor("count", "TYPE_INT32", (-1, 1))]
+    nms_config = (
+        "# Head outputs -> per image its boxes after NMS as ultralytics' predict does it (lesionserve/detection/nms.py):\n"
+        "# best class score > conf, greedy NMS per class at iou, at most max_det boxes, back to original pixels.\n"
+        "# Padded to the request's largest count: count says how many rows of boxes/scores/classes are real.\n"
+        + _head(nms, "python", 0) + _tensors("input", nms_inputs) + _tensors("output", results) + _instances(None)
+    )
+    steps = [
+        _step(pre, [("raw_image", "raw_image")], [(DETECTOR_INPUT, DETECTOR_INPUT), ("letterbox", "letterbox"),
+                                                  ("image_size", "image_size"), ("error", "error")]),
+        _step(p.detector, [(DETECTOR_INPUT, DETECTOR_INPUT)], [(DETECTOR_OUTPUT, DETECTOR_OUTPUT)]),
+        _step(nms, [(k, k) for k in (DETECTOR_OUTPUT, "letterbox", "image_size", "error", "conf", "iou", "max_det")],
+              [(k, k) for k in ("boxes", "scores", "classes", "count")]),
+    ]
+    ensemble = (
+        f"# Pipeline {p.name}: {p.description}.\n"
+        "# Encoded images and the NMS parameters (conf, iou, max_det: one value per request, repeated per row) in;\n"
+        "# per image boxes (x0, y0, x1, y1 in its pixels), scores, class indices (class_names), count, and error.\n"
+        f'name: "{p.name}"\nplatform: "ensemble"\nmax_batch_size: {p.max_batch_size}\n'
+        + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,)), _tensor("conf", "TYPE_FP32", (1,)),
+                             _tensor("iou", "TYPE_FP32", (1,)), _tensor("max_det", "TYPE_INT32", (1,))])
+        + _tensors("output", [_tensor("boxes", "TYPE_FP32", (-1, 4)), _tensor("scores", "TYPE_FP32", (-1,)),
+                              _tensor("classes", "TYPE_INT32", (-1,)), _tensor("count", "TYPE_INT32", (1,)),
+                              _tensor("error", "TYPE_STRING", (1,))])
+        + _param("class_names", ",".join(p.class_names)) + _param("imgsz", s)
+        + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+    )
+    return {f"{pre}/config.pbtxt": pre_config, f"{pre}/1/model.py": model_py("detect_preprocess", "encoded images -> letterboxed detector input"),
+            f"{p.detector}/config.pbtxt": detector,
+            f"{p.detector}/1/model.py": model_py("onnx_backbone", f"detector {p.detector}: ONNX Runtime on model.onnx"),
+            f"{nms}/config.pbtxt": nms_config, f"{nms}/1/model.py": model_py("detect_nms", "head outputs -> boxes after NMS"),
+            f"{p.name}/config.pbtxt": ensemble, f"{p.name}/1/.gitkeep": ""}
+
+
 def render_repository(pipelines: Sequence[EnsemblePipeline] = tuple(PIPELINES.values())) -> dict[str, str]:
     """Relative path -> content for every pipeline; two pipelines may not declare one model name."""
     files: dict[str, str] = {}
@@ -622,7 +692,9 @@ def render_repository(pipelines: Sequence[EnsemblePipeline] = tuple(PIPELINES.va
                 raise ValueError(f"model {model!r} is declared by pipelines {owner[model]!r} and {p.name!r}; "
                                  "give members unique names or the pipeline a step_prefix")
             owner[model] = p.name
-        if isinstance(p, CropPipeline):
+        if isinstance(p, DetectionPipeline):
+            files.update(render_detection(p))
+        elif isinstance(p, CropPipeline):
             files.update(render_crop(p))
         elif isinstance(p, SegmentationPipeline):
             files.update(render_segmentation(p))

@@ -17,11 +17,13 @@ from .errors import (
     ServerUnavailableError,
     UndecodableImageError,
 )
-from .results import LesionResult, SegmentationResult
+from .results import Detection, DetectionResult, LesionResult, SegmentationResult
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "Detection",
+    "DetectionResult",
     "ImageError",
     "ImageInput",
     "InvalidImageError",

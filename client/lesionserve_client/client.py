@@ -22,8 +22,8 @@ from tritonclient.utils import InferenceServerException
 from .config import ModelInfo, parse_model_config
 from .encoding import ImageInput, to_image_bytes
 from .errors import ImageError, InvalidImageError, ServerError, ServerUnavailableError, UndecodableImageError, map_server_error
-from .results import (CROP_OUTPUTS, OUTPUT_NAMES, SEGMENT_OUTPUTS, LesionResult, SegmentationResult, parse_response,
-                      parse_segmentation, with_crops)
+from .results import (CROP_OUTPUTS, DETECT_OUTPUTS, OUTPUT_NAMES, SEGMENT_OUTPUTS, DetectionResult, LesionResult,
+                      SegmentationResult, parse_detections, parse_response, parse_segmentation, with_crops)
 
 #: Explanation methods the ``<model>_explain`` ensemble serves (lesionserve.explain.CAM_METHODS).
 EXPLAIN_METHODS: tuple[str, ...] = ("gradcam", "gradcampp")
@@ -34,6 +34,9 @@ INPUT_NAME = "raw_image"
 SEGMENT_MODEL = "lesion_segment"
 #: The crop-guided classifier (lesionserve.segmentation.spec.LESION_CROP).
 CROP_MODEL = "lesion_crop"
+#: The detector (lesionserve.detection.spec.LESION_DETECT) and its NMS defaults (ultralytics predict's).
+DETECT_MODEL = "lesion_detect"
+DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, MAX_MAX_DET = 0.25, 0.7, 300, 1000
 DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF = 0.5
 DEFAULT_MAX_BACKOFF = 4.0
@@ -151,7 +154,7 @@ class LesionClient:
             url=url, verbose=verbose, ssl=self.ssl, root_certificates=self.root_certificates, channel_args=channel_args()
         )
         self._infos: dict[str, ModelInfo] = {}
-        self._segment_limits: dict[str, int] = {}
+        self._configs: dict[str, dict] = {}
         self._executor: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
         self._closed = False
@@ -373,30 +376,63 @@ class LesionClient:
         image is raised (InvalidImageError before anything is sent); with it, the error object takes
         that image's place. Images go in requests of up to the ensemble's max_batch_size.
         """
-        out, items = self._encode(images, partial, "segment")
-        size = self._segment_batch_limit(model_name)
+        return self._per_image(images, partial, "segment", model_name, SEGMENT_OUTPUTS,
+                               lambda response, indices, _: parse_segmentation(response, indices))
+
+    def detect(self, images: Sequence[ImageInput], partial: bool = False, *, conf: float = DEFAULT_CONF,
+               iou: float = DEFAULT_IOU, max_det: int = DEFAULT_MAX_DET,
+               model_name: str = DETECT_MODEL) -> list[Union[DetectionResult, ImageError]]:
+        """The lesions the detector finds in each image: a DetectionResult per image, in input order,
+        each with its boxes (x0, y0, x1, y1 in the image's pixels), class names and scores, after
+        the server's NMS at ``conf`` (score threshold), ``iou`` (overlap) and ``max_det`` (boxes per
+        image). Out-of-range values raise ValueError before anything is sent; bad images behave as in
+        ``classify``."""
+        problems = [f"{name} {value!r} is not in {allowed}" for name, value, ok, allowed in (
+            ("conf", conf, 0 <= conf <= 1, "[0, 1]"), ("iou", iou, 0 <= iou <= 1, "[0, 1]"),
+            ("max_det", max_det, isinstance(max_det, int) and 1 <= max_det <= MAX_MAX_DET, f"[1, {MAX_MAX_DET}] (an int)"))
+            if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+        def extra(count: int) -> list[InferInput]:
+            tensors = []
+            for name, value, dtype, kind in (("conf", conf, "FP32", np.float32), ("iou", iou, "FP32", np.float32),
+                                             ("max_det", max_det, "INT32", np.int32)):
+                tensor = InferInput(name, [count, 1], dtype)
+                tensor.set_data_from_numpy(np.full((count, 1), value, kind))
+                tensors.append(tensor)
+            return tensors
+
+        return self._per_image(images, partial, "detect", model_name, DETECT_OUTPUTS,
+                               lambda response, indices, config: parse_detections(response, indices, config), extra)
+
+    def _per_image(self, images: Sequence[ImageInput], partial: bool, method: str, model_name: str,
+                   outputs: Sequence[str], parse: Callable[..., list], extra: Optional[Callable[[int], list]] = None) -> list:
+        """Send ``images`` to ``model_name`` in requests of up to its max_batch_size; one parsed row per image."""
+        out, items = self._encode(images, partial, method)
+        config = self._model_config(model_name) if items else {}
+        size = max(1, int(config.get("max_batch_size") or 1))
         if self.max_images_per_request is not None:
             size = min(size, self.max_images_per_request)
         for start in range(0, len(items), size):
             chunk = items[start:start + size]
             tensor = InferInput(INPUT_NAME, [len(chunk), 1], "BYTES")
             tensor.set_data_from_numpy(np.array([[blob] for _, blob in chunk], dtype=np.object_))
-            response = self._call(self._client.infer, model_name, inputs=[tensor],
-                                  outputs=[InferRequestedOutput(name) for name in SEGMENT_OUTPUTS])
-            for (index, _), row in zip(chunk, parse_segmentation(response, [i for i, _ in chunk])):
+            response = self._call(self._client.infer, model_name, inputs=[tensor, *(extra(len(chunk)) if extra else [])],
+                                  outputs=[InferRequestedOutput(name) for name in outputs])
+            for (index, _), row in zip(chunk, parse(response, [i for i, _ in chunk], config)):
                 if isinstance(row, UndecodableImageError) and not partial:
                     raise row
                 out[index] = row
-        return out  # type: ignore[return-value]  # every slot is filled above
+        return out
 
-    def _segment_batch_limit(self, model_name: str) -> int:
-        """The segmentation ensemble's max_batch_size (fetched once per model name)."""
+    def _model_config(self, model_name: str) -> dict:
+        """A model's config as JSON (fetched once per model name)."""
         with self._lock:
-            if model_name not in self._segment_limits:
+            if model_name not in self._configs:
                 config = self._call(self._client.get_model_config, model_name, as_json=True)
-                config = config.get("config", config)
-                self._segment_limits[model_name] = max(1, int(config.get("max_batch_size") or 1))
-            return self._segment_limits[model_name]
+                self._configs[model_name] = config.get("config", config)
+            return self._configs[model_name]
 
     def backoff_delays(self) -> list[float]:
         """Seconds waited before each retry: ``backoff`` doubling up to ``max_backoff``."""

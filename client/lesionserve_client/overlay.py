@@ -80,3 +80,19 @@ def draw_segmentation(image: Any, mask: np.ndarray, box: Any, caption: str) -> n
     draw.rectangle((0, 0, right + 4, bottom + 4), fill=(0, 0, 0))
     draw.text((4, 4), caption, fill=(255, 255, 255))
     return np.asarray(canvas)
+
+
+def draw_boxes(image: Any, boxes: list, caption: str = "") -> np.ndarray:
+    """HxWx3 uint8 RGB: ``image`` with each (box, label) drawn (yellow box, its label above it)."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.fromarray(_rgb(image).copy())
+    draw = ImageDraw.Draw(canvas)
+    for (x0, y0, x1, y1), label in boxes:
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 220, 0), width=2)
+        left, top, right, bottom = draw.textbbox((x0 + 2, max(0, y0 - 12)), label)
+        draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=(0, 0, 0))
+        draw.text((x0 + 2, max(0, y0 - 12)), label, fill=(255, 255, 255))
+    if not boxes:
+        draw.text((4, 4), caption or "no lesion detected", fill=(255, 255, 255))
+    return np.asarray(canvas)

@@ -211,3 +211,64 @@ def parse_segmentation(result: InferResult, indices: Sequence[int]) -> list[Unio
         out.append(SegmentationResult(masks[row, :height, :width].astype(bool), tuple(int(v) for v in boxes[row]) if hit else None,
                                       _to_float(areas[row, 0]), hit))
     return out
+
+
+#: Outputs of the detection ensemble (lesion_detect).
+DETECT_OUTPUTS: tuple[str, ...] = ("boxes", "scores", "classes", "count", ERROR_OUTPUT)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected lesion: box (x0, y0, x1, y1 in the image's pixels, floats), class name, score."""
+
+    box: tuple[float, float, float, float]
+    class_name: str
+    score: float
+
+
+@dataclass(frozen=True)
+class DetectionResult:
+    """The detector's boxes in one image, highest score first (empty: nothing passed conf)."""
+
+    detections: tuple[Detection, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"detections": [{"box": list(d.box), "class": d.class_name, "score": d.score} for d in self.detections]}
+
+    def overlay(self, image: Any) -> np.ndarray:
+        """The image with each box and its class and score drawn: HxWx3 uint8 RGB. Needs Pillow."""
+        from .overlay import draw_boxes
+
+        return draw_boxes(image, [(d.box, f"{d.class_name} {d.score:.2f}") for d in self.detections])
+
+
+def parse_detections(result: InferResult, indices: Sequence[int], config: dict) -> list[Union[DetectionResult, UndecodableImageError]]:
+    """One DetectionResult (or UndecodableImageError) per row of a lesion_detect response."""
+    count = len(indices)
+    names = _parameter(config, "class_names").split(",")
+    boxes = result.as_numpy("boxes")
+    if boxes is None or boxes.ndim != 3 or len(boxes) != count:
+        raise ServerError(f"detection response has no boxes per image (got {None if boxes is None else boxes.shape})")
+    scores = _output(result, "scores", boxes.shape[:2])
+    classes = _output(result, "classes", boxes.shape[:2])
+    counts = _output(result, "count", (count, 1))
+    errors = _output(result, ERROR_OUTPUT, (count, 1))
+    out: list[Union[DetectionResult, UndecodableImageError]] = []
+    for row, index in enumerate(indices):
+        error = _text(errors[row, 0])
+        if error:
+            out.append(UndecodableImageError(index, error))
+            continue
+        n = int(counts[row, 0])
+        if n and (classes[row, :n].min() < 0 or classes[row, :n].max() >= len(names)):
+            raise ServerError(f"server returned class indices {classes[row, :n].tolist()} outside {len(names)} classes")
+        out.append(DetectionResult(tuple(Detection(tuple(float(v) for v in boxes[row, i]), names[int(classes[row, i])],
+                                                   _to_float(scores[row, i])) for i in range(n))))
+    return out
+
+
+def _parameter(config: dict, key: str) -> str:
+    try:
+        return config["parameters"][key]["string_value"]
+    except KeyError:
+        raise ServerError(f"model config of {config.get('name')!r} has no parameter {key!r}") from None

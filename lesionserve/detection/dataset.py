@@ -32,6 +32,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from lesionserve import prog
 from lesionserve.spec import CLASS_NAMES
 
@@ -53,12 +55,16 @@ def label_line(label: int, box: tuple[int, int, int, int], width: int, height: i
     return f"{label} " + " ".join(f"{v:.6f}" for v in to_yolo(box, width, height))
 
 
-def _box_of(sample, source: str, mask_index: Mapping[str, Path]) -> tuple[tuple[int, int, int, int], int, int] | None:
-    """(box, width, height) of one sample from ``source``; None when it has no mask (masks source)."""
+def _box_of(sample, source: str, mask_index: Mapping[str, Path], masked_only: bool = False
+            ) -> tuple[tuple[int, int, int, int], int, int] | None:
+    """(box, width, height) of one sample from ``source``; None when it has no mask (masks source,
+    or ``masked_only``: saliency boxes on exactly the images the mask boxes cover)."""
     from lesionserve.detection.boxes import mask_box, saliency_box
     from lesionserve.preprocessing import decode_image
     from lesionserve.training.masks import read_mask
 
+    if masked_only and sample.image_id not in mask_index:
+        return None
     rgb = decode_image(Path(sample.path).read_bytes())
     height, width = rgb.shape[:2]
     if source == "saliency":
@@ -70,7 +76,7 @@ def _box_of(sample, source: str, mask_index: Mapping[str, Path]) -> tuple[tuple[
 
 def write_dataset(splits: Mapping[str, Sequence], out: str | Path, source: str = "masks",
                   mask_index: Mapping[str, Path] | None = None, repeat_cap: int = DEFAULT_REPEAT_CAP,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, masked_only: bool = False, seed: int = 0) -> dict:
     """Write ``splits`` (name -> samples) under ``out``; returns the manifest (also written)."""
     from tqdm import tqdm
 
@@ -87,7 +93,7 @@ def write_dataset(splits: Mapping[str, Sequence], out: str | Path, source: str =
         (out / "labels" / split).mkdir(parents=True, exist_ok=True)
         kept[split], labels[split] = [], []
         for sample in tqdm(samples, desc=f"{split} boxes ({source})", unit="img", disable=not progress, file=sys.stderr):
-            found = _box_of(sample, source, mask_index or {})
+            found = _box_of(sample, source, mask_index or {}, masked_only)
             if found is None:
                 skipped[split] += 1
                 continue
@@ -106,6 +112,8 @@ def write_dataset(splits: Mapping[str, Sequence], out: str | Path, source: str =
     counts = Counter(labels.get("train", []))
     factors = repeat_factors(counts, repeat_cap)
     lines = [os.path.abspath(p) for p, c in zip(kept.get("train", []), labels.get("train", [])) for _ in range(factors[c])]
+    # Shuffled (seeded): ultralytics' `fraction` keeps the first lines, which must then be a fair sample.
+    lines = [lines[i] for i in np.random.default_rng(seed).permutation(len(lines))]
     (out / "train.txt").write_text("\n".join(lines) + "\n")
     yaml = [f"path: {out.resolve()}", "train: train.txt", "val: images/val"]
     if kept.get("test"):
@@ -115,6 +123,7 @@ def write_dataset(splits: Mapping[str, Sequence], out: str | Path, source: str =
     (out / "data.yaml").write_text("\n".join(yaml) + "\n")
     manifest = {
         "box_source": source,
+        "masked_only": masked_only,
         "images": {s: len(v) for s, v in kept.items()},
         "skipped_without_mask": dict(skipped),
         "train_per_class": {CLASS_NAMES[c]: counts.get(c, 0) for c in range(len(CLASS_NAMES))},
@@ -139,6 +148,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, default=0.2, help="(default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default %(default)s)")
     parser.add_argument("--repeat-cap", type=int, default=DEFAULT_REPEAT_CAP, help="largest repeat of a rare class's image (default %(default)s)")
+    parser.add_argument("--masked-only", action="store_true",
+                        help="with --boxes saliency and --masks: only the images that have a mask (to compare both sources on one image set)")
     parser.add_argument("--out", required=True, type=Path, help="dataset folder to write")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
@@ -160,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         splits = load_or_create_splits(args.splits or args.out.parent / "splits.csv", samples, args.val_fraction,
                                        args.test_fraction, args.seed)
         manifest = write_dataset(splits, args.out, args.boxes, load_mask_index(masks) if masks else None,
-                                 args.repeat_cap, progress=not args.no_progress)
+                                 args.repeat_cap, progress=not args.no_progress, masked_only=args.masked_only, seed=args.seed)
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,9 +10,10 @@ anchors) to agree within ``atol``. The file appears at ``--out`` only when they 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -75,7 +76,17 @@ def export_detector(weights: str | Path, out: str | Path, imgsz: int = 640, atol
     out.parent.mkdir(parents=True, exist_ok=True)
     if written.resolve() != out.resolve():
         shutil.move(str(written), out)
-    return DetectorExportReport(str(out), imgsz, batch, diff, atol)
+    names = [model.names[i] for i in sorted(model.names)]
+    report = DetectorExportReport(str(out), imgsz, batch, diff, atol)
+    # What assembly serves it at: the letterbox side, and the class order of the head.
+    export_meta(out).write_text(json.dumps({**asdict(report), "class_names": names}, indent=2) + "\n")
+    return report
+
+
+def export_meta(onnx_path: str | Path) -> Path:
+    """The JSON written beside an exported detector (imgsz, class names, the check)."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.stem + ".export.json")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,8 @@ PAD_VALUE = 114
 
 
 def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[float, float]]:
-    """(3 x size x size float32 in [0, 1], scale, (pad_x, pad_y)) of an H x W x 3 uint8 RGB image."""
+    """(3 x size x size float32 in [0, 1], scale, (pad_x, pad_y)) of an H x W x 3 uint8 RGB image;
+    the pads are what unletterbox subtracts."""
     height, width = rgb.shape[:2]
     scale = min(size / height, size / width)
     new_w, new_h = round(width * scale), round(height * scale)
@@ -23,7 +24,10 @@ def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[floa
     top, left = round(pad_y - 0.1), round(pad_x - 0.1)
     canvas = np.full((size, size, 3), PAD_VALUE, np.uint8)
     canvas[top:top + new_h, left:left + new_w] = resized
-    return np.ascontiguousarray(canvas.transpose(2, 0, 1), dtype=np.float32) / 255.0, scale, (float(left), float(top))
+    # The offsets boxes are mapped back with, as ultralytics' scale_boxes computes them (from the
+    # unrounded scaled size; equal to left/top but for rare rounding).
+    back = (float(round((size - width * scale) / 2 - 0.1)), float(round((size - height * scale) / 2 - 0.1)))
+    return np.ascontiguousarray(canvas.transpose(2, 0, 1), dtype=np.float32) / 255.0, scale, back
 
 
 def unletterbox(boxes_xyxy: np.ndarray, scale: float, pad: tuple[float, float], width: int, height: int) -> np.ndarray:

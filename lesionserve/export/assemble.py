@@ -33,6 +33,7 @@ from lesionserve.explain import CAMS_OUTPUT
 from lesionserve.export.checks import NORMALIZATION_KEY
 from lesionserve.pipelines import GENERATED_PIPELINES, LESION_CROP_CLASSIFIER, LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, Member, get_pipeline
 from lesionserve.repository import DEFAULT_REPOSITORY, SEGMENTER_TORCHSCRIPT, check_repository, write_repository
+from lesionserve.detection.spec import LESION_DETECT, DetectionPipeline
 from lesionserve.segmentation.spec import CROP_MODES, LESION_CROP, CropPipeline, SegmentationPipeline
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, check_views
 
@@ -44,8 +45,10 @@ class AssembleError(RuntimeError):
 def artifact_files(artifacts: Path, pipeline: EnsemblePipeline = LESION_ENSEMBLE, checkpoints: bool = False) -> dict[Path, list[str]]:
     """Source file -> destination paths (relative to the repository) for one pipeline's artifacts folder
     (a segmentation pipeline's: the segmenter's folder, ``model.onnx`` from ``export-segmenter``)."""
+    if isinstance(pipeline, DetectionPipeline):
+        return {artifacts / "model.onnx": [f"{pipeline.detector}/1/model.onnx"], artifacts / "model.export.json": []}
     if isinstance(pipeline, SegmentationPipeline):
-        # With checkpoints, checkpoint.pt is traced into <segmenter>/1/model.ts (place_artifacts), not copied.
+        # With checkpoints, checkpoint.pt is traced into <segmenter>/1/model.ts (assemble_pipelines), not copied.
         return {artifacts / "model.onnx": [f"{pipeline.segmenter.name}/1/model.onnx"],
                 **({artifacts / "checkpoint.pt": []} if checkpoints else {})}
     files = {artifacts / m / "model.onnx": [f"{m}/1/model.onnx"] for m in pipeline.member_names}
@@ -174,6 +177,12 @@ def served_pipeline(pipeline: EnsemblePipeline, artifacts: Path, views: int | No
     missing = [str(src) for src in artifact_files(artifacts, pipeline, checkpoints) if not src.is_file()]
     if missing:
         raise AssembleError(f"missing artifacts of {pipeline.name} (train, calibrate and export first):\n  " + "\n  ".join(missing))
+    if isinstance(pipeline, DetectionPipeline):
+        meta = json.loads((artifacts / "model.export.json").read_text())
+        if tuple(meta.get("class_names", ())) != pipeline.class_names:
+            raise AssembleError(f"{artifacts / 'model.onnx'} detects {meta.get('class_names')}, {pipeline.name} declares "
+                                f"{list(pipeline.class_names)}: train on a dataset from `lesionserve detect-dataset`")
+        return pipeline.with_imgsz(int(meta["imgsz"]))
     if isinstance(pipeline, SegmentationPipeline):
         return pipeline.with_input_size(segmenter_input_size(artifacts / "model.onnx", pipeline))
     served = pipeline.with_input_sizes(served_input_sizes(artifacts, pipeline, checkpoints))
@@ -308,6 +317,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop-artifacts", metavar="DIR",
                         help="also serve crop-guided classification (lesion_crop) with the crop-trained members in DIR "
                              "(<crop member>/model.onnx, calibration.json); needs --segmenter")
+    parser.add_argument("--detector", metavar="DIR",
+                        help="also serve the lesion_detect pipeline from DIR/model.onnx and DIR/model.export.json "
+                             "(lesionserve detect-export); needs --out")
     parser.add_argument("--crop-mode", choices=CROP_MODES, default=LESION_CROP.mode,
                         help="serve lesion_crop as a Triton ensemble or a BLS model (default %(default)s; "
                              "docs/segmentation.md says why)")
@@ -325,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         pairs.append((LESION_SEGMENT, args.segmenter))
+    if args.detector:
+        if not args.out:
+            print("error: --detector needs --out DIR (a generated repository)", file=sys.stderr)
+            return 2
+        pairs.append((LESION_DETECT, args.detector))
     if args.crop_artifacts:
         if not args.segmenter:
             print("error: --crop-artifacts needs --segmenter DIR: lesion_crop segments before it classifies", file=sys.stderr)
