@@ -75,3 +75,28 @@ def test_the_served_path_never_imports_ultralytics():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_detect_evaluate_scores_label_sets_side_by_side_with_the_seed(tmp_path, no_network):
+    """Trains nothing new: the weights of a one-epoch run, scored against two label sets of one split."""
+    from lesionserve.detection.dataset import write_dataset
+    from lesionserve.detection.evaluate import evaluate, markdown
+    from lesionserve.detection.train import train_detector
+    from lesionserve.synthetic import generate_dataset
+    from lesionserve.training.data import load_dataset
+    from lesionserve.training.masks import load_mask_index
+
+    data = generate_dataset(tmp_path / "data", size=(160, 120), seed=1, class_counts={c: 2 for c in ("MEL", "NV", "BCC")},
+                            repeat_fraction=0.0, progress=False)
+    samples, index = load_dataset(data.root), load_mask_index(data.root / "masks.csv")
+    sets = {}
+    for source in ("masks", "saliency"):
+        write_dataset({"train": samples[:4], "val": samples[4:]}, tmp_path / source, source, index, progress=False)
+        sets[source] = tmp_path / source / "data.yaml"
+    best = train_detector(sets["masks"], tmp_path / "run", {"model": "yolo11n.yaml", "epochs": 1, "imgsz": 64, "batch": 2})
+    report = evaluate(best, sets, "val", tmp_path / "eval")
+    assert report["imgsz"] == 64 and set(report["label_sets"]) == {"masks", "saliency"}
+    for scores in report["label_sets"].values():
+        assert 0.0 <= scores["map50_95"] <= scores["map50"] <= 1.0
+    table = markdown(report)
+    assert "| mAP@0.5 |" in table and "0.603" in table and (tmp_path / "eval" / "detector_eval.json").is_file()
