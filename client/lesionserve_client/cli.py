@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence, TextIO
 
-from .client import (CROP_MODEL, DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_URL, EXPLAIN_METHODS, SEGMENT_MODEL, LesionClient,
+from .client import (CROP_MODEL, DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, DETECT_MODEL, DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_URL, EXPLAIN_METHODS, SEGMENT_MODEL, LesionClient,
                      validate_url)
 from .encoding import encode_png
 from .errors import LesionServeError, ServerUnavailableError
@@ -130,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     segment.add_argument("--overlay", metavar="OUTDIR",
                          help="also write one PNG per image (mask outline and box on the image) into OUTDIR; needs Pillow")
+    detect = commands.add_parser(
+        "detect", help="detect lesions in one or more image files",
+        description="Detect lesions (the lesion_detect pipeline: YOLO11 with NMS on the server): prints each box "
+                    "(x0, y0, x1, y1 in the image's pixels), its class and score.",
+    )
+    detect.add_argument("images", nargs="+", metavar="IMG", help="image file(s)")
+    _connection_args(detect)
+    detect.add_argument("--model", default=DETECT_MODEL, help=f"detection ensemble (default: {DETECT_MODEL})")
+    detect.add_argument("--conf", type=float, default=DEFAULT_CONF, help="score threshold in [0, 1] (default: %(default)s)")
+    detect.add_argument("--iou", type=float, default=DEFAULT_IOU, help="NMS overlap in [0, 1] (default: %(default)s)")
+    detect.add_argument("--max-det", type=int, default=DEFAULT_MAX_DET, help="boxes per image at most (default: %(default)s)")
+    detect.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    detect.add_argument("--overlay", metavar="OUTDIR", help="also write one PNG per image with its boxes drawn into OUTDIR; needs Pillow")
     return parser
 
 
@@ -205,6 +218,26 @@ def _segment(args: argparse.Namespace, client: LesionClient, out: TextIO) -> Non
         print(f"{len(written)} overlay(s) in {args.overlay}", file=sys.stderr)
 
 
+def _detect(args: argparse.Namespace, client: LesionClient, out: TextIO) -> None:
+    with client:
+        results = client.detect(args.images, conf=args.conf, iou=args.iou, max_det=args.max_det, model_name=args.model)
+    if args.json:
+        json.dump([{"image": image, **r.to_dict()} for image, r in zip(args.images, results)], out, indent=2)
+        out.write("\n")
+    else:
+        rows = [("IMAGE", "CLASS", "SCORE", "BOX")]
+        for image, r in zip(args.images, results):
+            rows += [(image, d.class_name, f"{d.score:.3f}", ",".join(f"{v:.1f}" for v in d.box)) for d in r.detections]
+            if not r.detections:
+                rows.append((image, "-", "-", f"no lesion above conf {args.conf}"))
+        widths = [max(len(row[c]) for row in rows) for c in range(4)]
+        out.write("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows) + "\n")
+    if args.overlay:
+        written = write_pngs(args.images, [lambda r=r, i=i: r.overlay(i) for r, i in zip(results, args.images)],
+                             ["boxes"] * len(results), args.overlay)
+        print(f"{len(written)} overlay(s) in {args.overlay}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the process exit status."""
     parser = build_parser()
@@ -226,10 +259,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        if args.command == "classify":
-            _classify(args, client, sys.stdout)
-        else:
-            _segment(args, client, sys.stdout)
+        {"classify": _classify, "segment": _segment, "detect": _detect}[args.command](args, client, sys.stdout)
+    except ValueError as exc:  # NMS parameters out of range: checked before anything is sent
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except LesionServeError as exc:
         # Collapse whitespace: server messages can span several lines, the report must not.
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)

@@ -117,3 +117,18 @@ def test_a_bad_image_gets_its_error_in_place(server, detector):
             client.detect(images)
     picture = rows[0].overlay(images[0])
     assert picture.shape == (120, 160, 3)
+
+
+def test_client_cli_prints_boxes_writes_overlays_and_refuses_bad_parameters(server, detector, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    image = str(detector[2][0])
+    run = [sys.executable, "-m", "lesionserve_client", "detect", image, "--url", server.grpc_url]
+    out = subprocess.run(run + ["--overlay", str(tmp_path / "boxes")], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[0].split() == ["IMAGE", "CLASS", "SCORE", "BOX"] and image in out.stdout
+    assert Image.open(next((tmp_path / "boxes").glob("*_boxes.png"))).size == (160, 120)
+    bad = subprocess.run(run + ["--iou", "2"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "iou 2.0 is not in [0, 1]" in bad.stderr
