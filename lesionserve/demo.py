@@ -31,6 +31,10 @@ from lesionserve.spec import CLASS_NAMES
 DEMO_SEGMENTER_SIZES = (64, 96)
 #: The crop-trained members' side: a lesion crop holds fewer pixels than the whole image.
 DEMO_CROP_SIZE = 128
+#: The demo's detector: the smallest YOLO11 at a small letterbox, so it trains in about a minute.
+DEMO_DETECTOR = {"model": "yolo11n.yaml", "imgsz": 128, "batch": 16}
+#: Score threshold of the demo's detections: a detector trained for a minute scores low.
+DEMO_CONF = 0.05
 
 
 def stage(number: int, text: str) -> None:
@@ -45,6 +49,7 @@ def run_demo(args: argparse.Namespace) -> float:
     from lesionserve.pipelines import LESION_CROP_CLASSIFIER
     from lesionserve.segmentation.boxes import segmenter_boxes, write_boxes
     from lesionserve.segmentation.reference import CropReference, SegmentationReference
+    from lesionserve.detection.spec import LESION_DETECT
     from lesionserve.segmentation.spec import LESION_CROP, LESION_SEGMENT
     from lesionserve.training.data import load_dataset
     from lesionserve.segmentation.train import train_segmenter
@@ -90,6 +95,19 @@ def run_demo(args: argparse.Namespace) -> float:
             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "save_state": False,
         })
 
+    stage(2, f"training the lesion detector ({DEMO_DETECTOR['model']} @{DEMO_DETECTOR['imgsz']}, {args.epochs} epochs, "
+             "from scratch, offline) on the lesions' mask boxes")
+    from lesionserve.detection.dataset import write_dataset
+    from lesionserve.detection.train import train_detector
+    from lesionserve.training.masks import load_mask_index
+    from lesionserve.training.splits import read_splits
+
+    splits = read_splits(out / "splits.csv")
+    write_dataset({k: v for k, v in splits.items() if k in ("train", "val")}, out / "detector" / "data", "masks",
+                  load_mask_index(data.masks_csv), progress=False)
+    weights = train_detector(out / "detector" / "data" / "data.yaml", out / "detector",
+                             {**DEMO_DETECTOR, "epochs": args.epochs, "seed": args.seed, "plots": False})
+
     stage(3, f"calibrating fusion weights and thresholds on validation TTA outputs (T={args.views})")
     calibration = calibrate(out, views=args.views)
     print("  weights: " + ", ".join(f"{k} {v:.3f}" for k, v in calibration.weights.items()))
@@ -103,11 +121,15 @@ def run_demo(args: argparse.Namespace) -> float:
         print(f"  {backbone}: max |ORT - torch| on logits {r.max_abs_diff:.2e} (limit {r.atol:.0e})")
     r = export_segmenter(out / "segmenter" / "checkpoint.pt", out / "segmenter" / "model.onnx")
     print(f"  segmenter: max |ORT - torch| on logits {r.max_abs_diff:.2e}; masks agree on {r.mask_agreement:.4%} of pixels")
+    from lesionserve.detection.export import export_detector
+
+    r = export_detector(weights, out / "detector" / "model.onnx", imgsz=DEMO_DETECTOR["imgsz"])
+    print(f"  detector: max |ORT - PyTorch| on the head outputs {r.max_abs_diff:.2e} (limit {r.atol:.0e})")
 
     stage(5, "assembling one repository (classifier, segmenter, crop-guided classifier) and starting tritonserver")
     # The committed repository serves the classifier alone; with the segmenter, a generated copy.
     repository = assemble_pipelines([(pipeline, out), (LESION_SEGMENT, out / "segmenter"),
-                                     (LESION_CROP_CLASSIFIER, crop_dir), (LESION_CROP, None)],
+                                     (LESION_CROP_CLASSIFIER, crop_dir), (LESION_CROP, None), (LESION_DETECT, out / "detector")],
                                     out=out / "model_repository", views=args.views)
     images = sorted(held_out.images_dir.glob("*.jpg"))
     truth = _truth(held_out.labels_csv)
@@ -142,6 +164,11 @@ def run_demo(args: argparse.Namespace) -> float:
         print(f"  crop-guided in {seconds:.2f}s: {sum(r.cropped for r in cropped)}/{len(images)} lesion crops; "
               f"{sum(r.label == truth[p.stem] for p, r in zip(images, cropped))}/{len(images)} correct "
               f"(whole images: {sum(r.label == truth[p.stem] for p, r in zip(images, results))}/{len(images)})")
+        with LesionClient(server.grpc_url) as client:  # and the detector's boxes
+            start = time.perf_counter()
+            detected = client.detect([str(p) for p in images], conf=DEMO_CONF)
+            seconds = time.perf_counter() - start
+        print("  " + _detected(images, detected, held_out.masks_csv, out / "detect", seconds))
     print("  tritonserver stopped")
 
     stage(7, "parity: the same images through the in-process PyTorch reference pipeline")
@@ -160,6 +187,16 @@ def run_demo(args: argparse.Namespace) -> float:
     same_crops = sum(r.crop_box == box for r, box in zip(cropped, want_crop.crops))
     print(f"  crop-guided: max |Triton - reference| {crop_diff:.2e}; rectangles equal {same_crops}/{len(images)}; "
           f"labels equal {sum(r.label == l for r, l in zip(cropped, want_crop.result.labels))}/{len(images)}")
+    from lesionserve.detection.reference import DetectorReference
+
+    want_det = DetectorReference(out / "detector" / "model.onnx", DEMO_DETECTOR["imgsz"]).detect(
+        [p.read_bytes() for p in images], conf=DEMO_CONF)
+    pairs = [(got, ref) for got, ref in zip(detected, want_det) if len(got.detections) == len(ref.scores) and len(ref.scores)]
+    det_diff = max([float(np.abs(np.array([d.score for d in got.detections]) - ref.scores).max()) for got, ref in pairs] or [0.0])
+    det_boxes = max([float(np.abs(np.array([d.box for d in got.detections]) - ref.boxes).max()) for got, ref in pairs] or [0.0])
+    same_counts = sum(len(got.detections) == len(ref.scores) for got, ref in zip(detected, want_det))
+    print(f"  detector: box counts equal {same_counts}/{len(images)}; max |score diff| {det_diff:.2e}, "
+          f"max |box coordinate diff| {det_boxes:.2e} px")
     (out / "demo_summary.json").write_text(json.dumps({"parity_max_abs_diff": diff, "labels_equal": same, "images": len(images),
                                                        "crop_parity_max_abs_diff": crop_diff}, indent=2))
     return diff
@@ -191,6 +228,25 @@ def _segmented(images: list[Path], lesions: list, masks_csv: Path, outdir: Path,
         (outdir / f"{p.stem}_lesion.png").write_bytes(encode_png(r.overlay(str(p))))
     return (f"segmented in {seconds:.2f}s: lesion found in {sum(r.found for r in lesions)}/{len(lesions)}, mean IoU "
             f"with the true masks {np.mean(ious):.3f}; overlays (outline, box) in {outdir}")
+
+
+def _detected(images: list[Path], results: list, masks_csv: Path, outdir: Path, seconds: float) -> str:
+    """Write one PNG per image with its boxes; score the top box against the lesion's mask box."""
+    from lesionserve.detection.boxes import box_iou, mask_box
+    from lesionserve.training.masks import load_mask_index, read_mask
+    from lesionserve_client import encode_png
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    index = load_mask_index(masks_csv)
+    ious = []
+    for p, r in zip(images, results):
+        (outdir / f"{p.stem}_boxes.png").write_bytes(encode_png(r.overlay(str(p))))
+        if r.detections:
+            ious.append(box_iou(r.detections[0].box, mask_box(read_mask(index[p.stem]))))
+    found = sum(bool(r.detections) for r in results)
+    return (f"detected in {seconds:.2f}s (conf {DEMO_CONF}): {sum(len(r.detections) for r in results)} boxes, a lesion in "
+            f"{found}/{len(results)} images; top box vs the true lesion box: mean IoU "
+            f"{(np.mean(ious) if ious else 0.0):.3f}; overlays in {outdir}")
 
 
 def _truth(labels_csv: Path) -> dict[str, str]:
