@@ -620,10 +620,11 @@ def _anchors(imgsz: int) -> int:
 
 def render_detection(p: "DetectionPipeline") -> dict[str, str]:
     """Relative path -> content of every generated file of a detection pipeline."""
+    from lesionserve.detection.explain import FEATURES_OUTPUT
     from lesionserve.detection.spec import DETECTOR_INPUT, DETECTOR_OUTPUT
 
-    s, c, a = p.imgsz, len(p.class_names), _anchors(p.imgsz)
-    pre, nms = p.step("preprocess"), p.step("nms")
+    s, c, a, f = p.imgsz, len(p.class_names), _anchors(p.imgsz), p.imgsz // 32
+    pre, nms, cam = p.step("preprocess"), p.step("nms"), p.step("eigencam")
     letterbox = [_tensor(DETECTOR_INPUT, "TYPE_FP32", (3, s, s)), _tensor("letterbox", "TYPE_FP32", (3,)),
                  _tensor("image_size", "TYPE_INT32", (2,)), _tensor("error", "TYPE_STRING", (1,))]
     pre_config = (
@@ -639,7 +640,8 @@ def render_detection(p: "DetectionPipeline") -> dict[str, str]:
         f"# export (lesionserve detect-export). output0: per anchor ({a}) the box (cx, cy, w, h on the canvas) and {c} class scores.\n"
         f'name: "{p.detector}"\nbackend: "python"\nmax_batch_size: {p.max_batch_size}\n'
         + _tensors("input", [_tensor(DETECTOR_INPUT, "TYPE_FP32", (3, s, s))])
-        + _tensors("output", [_tensor(DETECTOR_OUTPUT, "TYPE_FP32", (4 + c, a))])
+        + "# features: layer 8's activations (channels x S/32 x S/32), computed only when the explain ensemble asks.\n"
+        + _tensors("output", [_tensor(DETECTOR_OUTPUT, "TYPE_FP32", (4 + c, a)), _tensor(FEATURES_OUTPUT, "TYPE_FP32", (-1, f, f))])
         + f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[None]}\n}}\n"
         + _param("intra_op_threads", CPU_INTRA_OP_THREADS) + _param("allow_spinning", 0)
         + _param("core_lock", "backbones") + _param("run_batch", CPU_RUN_BATCH) + _instances(None)
@@ -655,31 +657,53 @@ def render_detection(p: "DetectionPipeline") -> dict[str, str]:
         "# Padded to the request's largest count: count says how many rows of boxes/scores/classes are real.\n"
         + _head(nms, "python", 0) + _tensors("input", nms_inputs) + _tensors("output", results) + _instances(None)
     )
-    steps = [
-        _step(pre, [("raw_image", "raw_image")], [(DETECTOR_INPUT, DETECTOR_INPUT), ("letterbox", "letterbox"),
-                                                  ("image_size", "image_size"), ("error", "error")]),
-        _step(p.detector, [(DETECTOR_INPUT, DETECTOR_INPUT)], [(DETECTOR_OUTPUT, DETECTOR_OUTPUT)]),
-        _step(nms, [(k, k) for k in (DETECTOR_OUTPUT, "letterbox", "image_size", "error", "conf", "iou", "max_det")],
-              [(k, k) for k in ("boxes", "scores", "classes", "count")]),
-    ]
-    ensemble = (
-        f"# Pipeline {p.name}: {p.description}.\n"
-        "# Encoded images and the NMS parameters (conf, iou, max_det: one value per request, repeated per row) in;\n"
-        "# per image boxes (x0, y0, x1, y1 in its pixels), scores, class indices (class_names), count, and error.\n"
-        f'name: "{p.name}"\nplatform: "ensemble"\nmax_batch_size: {p.max_batch_size}\n'
-        + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,)), _tensor("conf", "TYPE_FP32", (1,)),
-                             _tensor("iou", "TYPE_FP32", (1,)), _tensor("max_det", "TYPE_INT32", (1,))])
-        + _tensors("output", [_tensor("boxes", "TYPE_FP32", (-1, 4)), _tensor("scores", "TYPE_FP32", (-1,)),
-                              _tensor("classes", "TYPE_INT32", (-1,)), _tensor("count", "TYPE_INT32", (1,)),
-                              _tensor("error", "TYPE_STRING", (1,))])
-        + _param("class_names", ",".join(p.class_names)) + _param("imgsz", s)
-        + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+    def steps(explain: bool) -> list[str]:
+        outs = [(DETECTOR_OUTPUT, DETECTOR_OUTPUT)] + ([(FEATURES_OUTPUT, FEATURES_OUTPUT)] if explain else [])
+        return [
+            _step(pre, [("raw_image", "raw_image")], [(DETECTOR_INPUT, DETECTOR_INPUT), ("letterbox", "letterbox"),
+                                                      ("image_size", "image_size"), ("error", "error")]),
+            _step(p.detector, [(DETECTOR_INPUT, DETECTOR_INPUT)], outs),
+            _step(nms, [(k, k) for k in (DETECTOR_OUTPUT, "letterbox", "image_size", "error", "conf", "iou", "max_det")],
+                  [(k, k) for k in ("boxes", "scores", "classes", "count")]),
+            *([_step(cam, [(k, k) for k in (FEATURES_OUTPUT, "letterbox", "image_size", "error")], [("heatmap", "heatmap")])]
+              if explain else []),
+        ]
+
+    cam_config = (
+        "# Layer-8 activations -> EigenCAM per image at its own size (lesionserve/detection/explain.py): the activations'\n"
+        "# first principal component, sign fixed, ReLU, in [0, 1]. Gradient-free: it explains no class or box.\n"
+        "# heatmap: each image's map in the top-left image_size corner of a request-wide canvas.\n"
+        + _head(cam, "python", 0)
+        + _tensors("input", [_tensor(FEATURES_OUTPUT, "TYPE_FP32", (-1, -1, f, f)), _tensor("letterbox", "TYPE_FP32", (-1, 3)),
+                             _tensor("image_size", "TYPE_INT32", (-1, 2)), _tensor("error", "TYPE_STRING", (-1, 1))])
+        + _tensors("output", [_tensor("heatmap", "TYPE_FP32", (-1, -1, -1))]) + _param("imgsz", s) + _instances(None)
     )
+
+    def ensemble(explain: bool) -> str:
+        outputs = [_tensor("boxes", "TYPE_FP32", (-1, 4)), _tensor("scores", "TYPE_FP32", (-1,)),
+                   _tensor("classes", "TYPE_INT32", (-1,)), _tensor("count", "TYPE_INT32", (1,)), _tensor("error", "TYPE_STRING", (1,))]
+        if explain:
+            outputs += [_tensor("heatmap", "TYPE_FP32", (-1, -1)), _tensor("image_size", "TYPE_INT32", (2,))]
+        return (
+            f"# Pipeline {p.name}{' (with EigenCAM heatmaps)' if explain else ''}: {p.description}.\n"
+            "# Encoded images and the NMS parameters (conf, iou, max_det: one value per request, repeated per row) in;\n"
+            "# per image boxes (x0, y0, x1, y1 in its pixels), scores, class indices (class_names), count, and error.\n"
+            + (f"# heatmap: the EigenCAM of layer 8 at the image's size (image_size), padded to the request's largest image.\n" if explain else "")
+            + f'name: "{p.explain_name if explain else p.name}"\nplatform: "ensemble"\nmax_batch_size: {p.max_batch_size}\n'
+            + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,)), _tensor("conf", "TYPE_FP32", (1,)),
+                                 _tensor("iou", "TYPE_FP32", (1,)), _tensor("max_det", "TYPE_INT32", (1,))])
+            + _tensors("output", outputs)
+            + _param("class_names", ",".join(p.class_names)) + _param("imgsz", s)
+            + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps(explain)) + "\n  ]\n}\n"
+        )
+
     return {f"{pre}/config.pbtxt": pre_config, f"{pre}/1/model.py": model_py("detect_preprocess", "encoded images -> letterboxed detector input"),
             f"{p.detector}/config.pbtxt": detector,
             f"{p.detector}/1/model.py": model_py("onnx_backbone", f"detector {p.detector}: ONNX Runtime on model.onnx"),
             f"{nms}/config.pbtxt": nms_config, f"{nms}/1/model.py": model_py("detect_nms", "head outputs -> boxes after NMS"),
-            f"{p.name}/config.pbtxt": ensemble, f"{p.name}/1/.gitkeep": ""}
+            f"{cam}/config.pbtxt": cam_config, f"{cam}/1/model.py": model_py("detect_eigencam", "layer-8 activations -> EigenCAM per image"),
+            f"{p.name}/config.pbtxt": ensemble(False), f"{p.name}/1/.gitkeep": "",
+            f"{p.explain_name}/config.pbtxt": ensemble(True), f"{p.explain_name}/1/.gitkeep": ""}
 
 
 def render_repository(pipelines: Sequence[EnsemblePipeline] = tuple(PIPELINES.values())) -> dict[str, str]:

@@ -380,13 +380,15 @@ class LesionClient:
                                lambda response, indices, _: parse_segmentation(response, indices))
 
     def detect(self, images: Sequence[ImageInput], partial: bool = False, *, conf: float = DEFAULT_CONF,
-               iou: float = DEFAULT_IOU, max_det: int = DEFAULT_MAX_DET,
+               iou: float = DEFAULT_IOU, max_det: int = DEFAULT_MAX_DET, explain: bool = False,
                model_name: str = DETECT_MODEL) -> list[Union[DetectionResult, ImageError]]:
         """The lesions the detector finds in each image: a DetectionResult per image, in input order,
         each with its boxes (x0, y0, x1, y1 in the image's pixels), class names and scores, after
         the server's NMS at ``conf`` (score threshold), ``iou`` (overlap) and ``max_det`` (boxes per
         image). Out-of-range values raise ValueError before anything is sent; bad images behave as in
-        ``classify``."""
+        ``classify``. ``explain=True``: each result also carries ``heatmap``, the EigenCAM of the
+        detector's layer 8 at the image's size (gradient-free: it explains no box), from
+        ``<model>_explain``."""
         problems = [f"{name} {value!r} is not in {allowed}" for name, value, ok, allowed in (
             ("conf", conf, 0 <= conf <= 1, "[0, 1]"), ("iou", iou, 0 <= iou <= 1, "[0, 1]"),
             ("max_det", max_det, isinstance(max_det, int) and 1 <= max_det <= MAX_MAX_DET, f"[1, {MAX_MAX_DET}] (an int)"))
@@ -403,8 +405,10 @@ class LesionClient:
                 tensors.append(tensor)
             return tensors
 
-        return self._per_image(images, partial, "detect", model_name, DETECT_OUTPUTS,
-                               lambda response, indices, config: parse_detections(response, indices, config), extra)
+        model = f"{model_name}_explain" if explain else model_name
+        outputs = DETECT_OUTPUTS + (("heatmap", "image_size") if explain else ())
+        return self._per_image(images, partial, "detect", model, outputs,
+                               lambda response, indices, config: parse_detections(response, indices, config, explain), extra)
 
     def _per_image(self, images: Sequence[ImageInput], partial: bool, method: str, model_name: str,
                    outputs: Sequence[str], parse: Callable[..., list], extra: Optional[Callable[[int], list]] = None) -> list:

@@ -231,6 +231,8 @@ class DetectionResult:
     """The detector's boxes in one image, highest score first (empty: nothing passed conf)."""
 
     detections: tuple[Detection, ...]
+    #: With ``detect(..., explain=True)``: the EigenCAM of layer 8 (H x W float32 in [0, 1]); else None.
+    heatmap: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"detections": [{"box": list(d.box), "class": d.class_name, "score": d.score} for d in self.detections]}
@@ -242,7 +244,8 @@ class DetectionResult:
         return draw_boxes(image, [(d.box, f"{d.class_name} {d.score:.2f}") for d in self.detections])
 
 
-def parse_detections(result: InferResult, indices: Sequence[int], config: dict) -> list[Union[DetectionResult, UndecodableImageError]]:
+def parse_detections(result: InferResult, indices: Sequence[int], config: dict,
+                     explain: bool = False) -> list[Union[DetectionResult, UndecodableImageError]]:
     """One DetectionResult (or UndecodableImageError) per row of a lesion_detect response."""
     count = len(indices)
     names = _parameter(config, "class_names").split(",")
@@ -253,6 +256,10 @@ def parse_detections(result: InferResult, indices: Sequence[int], config: dict) 
     classes = _output(result, "classes", boxes.shape[:2])
     counts = _output(result, "count", (count, 1))
     errors = _output(result, ERROR_OUTPUT, (count, 1))
+    heatmaps = result.as_numpy("heatmap") if explain else None
+    sizes = _output(result, "image_size", (count, 2)) if explain else None
+    if explain and (heatmaps is None or heatmaps.ndim != 3 or len(heatmaps) != count):
+        raise ServerError(f"detection response has no heatmap per image (got {None if heatmaps is None else heatmaps.shape})")
     out: list[Union[DetectionResult, UndecodableImageError]] = []
     for row, index in enumerate(indices):
         error = _text(errors[row, 0])
@@ -262,8 +269,9 @@ def parse_detections(result: InferResult, indices: Sequence[int], config: dict) 
         n = int(counts[row, 0])
         if n and (classes[row, :n].min() < 0 or classes[row, :n].max() >= len(names)):
             raise ServerError(f"server returned class indices {classes[row, :n].tolist()} outside {len(names)} classes")
+        heatmap = heatmaps[row, :int(sizes[row, 1]), :int(sizes[row, 0])] if explain else None
         out.append(DetectionResult(tuple(Detection(tuple(float(v) for v in boxes[row, i]), names[int(classes[row, i])],
-                                                   _to_float(scores[row, i])) for i in range(n))))
+                                                   _to_float(scores[row, i])) for i in range(n)), heatmap))
     return out
 
 

@@ -20,6 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from lesionserve import prog
+from lesionserve.detection.explain import FEATURES_OUTPUT
+from lesionserve.detection.spec import DETECTOR_OUTPUT
 
 DEFAULT_ATOL = 1e-3
 OPSET = 17
@@ -60,10 +62,13 @@ def export_detector(weights: str | Path, out: str | Path, imgsz: int = 640, atol
     import torch
     from ultralytics import YOLO
 
+    from lesionserve.detection.explain import add_features_output
+
     written = Path(YOLO(str(weights)).export(format="onnx", dynamic=True, simplify=False, imgsz=imgsz, opset=OPSET))
+    features = add_features_output(written)  # layer 8's activations: what the served EigenCAM reads
     x = check_inputs(imgsz, batch)
     session = ort.InferenceSession(str(written), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    got = session.run([DETECTOR_OUTPUT], {session.get_inputs()[0].name: x})[0]
     model = YOLO(str(weights)).model.float().eval()
     with torch.no_grad():
         want = model(torch.from_numpy(x))
@@ -79,7 +84,9 @@ def export_detector(weights: str | Path, out: str | Path, imgsz: int = 640, atol
     names = [model.names[i] for i in sorted(model.names)]
     report = DetectorExportReport(str(out), imgsz, batch, diff, atol)
     # What assembly serves it at: the letterbox side, and the class order of the head.
-    export_meta(out).write_text(json.dumps({**asdict(report), "class_names": names}, indent=2) + "\n")
+    export_meta(out).write_text(json.dumps({**asdict(report), "class_names": names, "features": features,
+                                            "features_channels": int(session.run([FEATURES_OUTPUT], {session.get_inputs()[0].name: x[:1]})[0].shape[1])},
+                                           indent=2) + "\n")
     return report
 
 

@@ -10,7 +10,8 @@ import numpy as np
 
 from lesionserve.detection.nms import detections_of_batch
 from lesionserve.detection.preprocess import letterbox
-from lesionserve.detection.spec import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, DETECTOR_INPUT, check_nms_parameters
+from lesionserve.detection.spec import (DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, DETECTOR_INPUT, DETECTOR_OUTPUT,
+                                        check_nms_parameters)
 from lesionserve.preprocessing import DEFAULT_MAX_PIXELS, decode_image
 
 
@@ -42,7 +43,17 @@ class DetectorReference:
         self.max_pixels = max_pixels
 
     def head(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {DETECTOR_INPUT: x})[0]
+        return self.session.run([DETECTOR_OUTPUT], {DETECTOR_INPUT: x})[0]
+
+    def eigencam(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        """The served EigenCAM of each image, at its size (explain.heatmaps_of_batch on the ONNX features)."""
+        from lesionserve.detection.explain import FEATURES_OUTPUT, heatmaps_of_batch
+
+        rgbs = [decode_image(b, max_pixels=self.max_pixels) for b in images]
+        x, boxes, sizes = letterbox_batch(rgbs, self.imgsz)
+        features = self.session.run([FEATURES_OUTPUT], {DETECTOR_INPUT: x})[0]
+        maps = heatmaps_of_batch(features, boxes, sizes, np.zeros(len(rgbs), bool), self.imgsz)
+        return [m[:h, :w] for m, (w, h) in zip(maps, sizes)]
 
     def detect(self, images: Sequence[bytes], conf: float = DEFAULT_CONF, iou: float = DEFAULT_IOU,
                max_det: int = DEFAULT_MAX_DET) -> list[Detections]:

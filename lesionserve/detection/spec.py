@@ -21,7 +21,8 @@ MAX_MAX_DET = 1000
 @dataclass(frozen=True)
 class DetectionPipeline:
     """Encoded images -> letterbox (``<name>_preprocess``) -> the detector (ONNX Runtime, ``detector``)
-    -> NMS and boxes in original pixels (``<name>_nms``), with conf / iou / max_det per request."""
+    -> NMS and boxes in original pixels (``<name>_nms``), with conf / iou / max_det per request;
+    ``<name>_explain`` also runs ``<name>_eigencam`` on the detector's layer-8 features."""
 
     name: str = "lesion_detect"
     detector: str = "detector"
@@ -35,14 +36,20 @@ class DetectionPipeline:
             raise ValueError(f"detection pipeline {self.name!r}: imgsz must be a positive multiple of 32, got {self.imgsz}")
 
     def step(self, role: str) -> str:
-        names = {"preprocess": f"{self.name}_preprocess", "detector": self.detector, "nms": f"{self.name}_nms"}
+        names = {"preprocess": f"{self.name}_preprocess", "detector": self.detector, "nms": f"{self.name}_nms",
+                 "eigencam": f"{self.name}_eigencam"}
         if role not in names:
             raise ValueError(f"unknown step role {role!r}; roles: {', '.join(names)}")
         return names[role]
 
     @property
+    def explain_name(self) -> str:
+        """The twin ensemble that also answers with EigenCAM heatmaps."""
+        return f"{self.name}_explain"
+
+    @property
     def model_names(self) -> tuple[str, ...]:
-        return (self.step("preprocess"), self.step("detector"), self.step("nms"), self.name)
+        return (self.step("preprocess"), self.step("detector"), self.step("nms"), self.step("eigencam"), self.name, self.explain_name)
 
     def with_imgsz(self, imgsz: int) -> "DetectionPipeline":
         return replace(self, imgsz=int(imgsz))

@@ -132,3 +132,15 @@ def test_client_cli_prints_boxes_writes_overlays_and_refuses_bad_parameters(serv
     assert Image.open(next((tmp_path / "boxes").glob("*_boxes.png"))).size == (160, 120)
     bad = subprocess.run(run + ["--iou", "2"], capture_output=True, text=True)
     assert bad.returncode != 0 and "iou 2.0 is not in [0, 1]" in bad.stderr
+
+
+def test_served_eigencam_equals_the_reference(server, detector):
+    images = [p.read_bytes() for p in detector[2][:3]]
+    with LesionClient(server.grpc_url) as client:
+        served = client.detect(images, explain=True)
+        plain = client.detect(images)
+    want = DetectorReference(detector[1] / "model.onnx", IMGSZ).eigencam(images)
+    worst = max(float(np.abs(r.heatmap - m).max()) for r, m in zip(served, want))
+    print(f"detector EigenCAM: max |served - reference| {worst:.2e}")
+    assert all(r.heatmap.shape == (120, 160) for r in served) and worst <= 1e-4
+    assert [r.detections for r in served] == [r.detections for r in plain] and plain[0].heatmap is None
