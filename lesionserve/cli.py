@@ -144,6 +144,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect-train": ("lesionserve.detection.train", "train the YOLO11 detector offline (ultralytics; seed 000's recipe)"),
     "detect-export": ("lesionserve.detection.export", "export YOLO weights to ONNX (dynamic batch), checked against PyTorch"),
     "detect-evaluate": ("lesionserve.detection.evaluate", "mAP, precision, recall, AP per class against mask and saliency boxes"),
+    "detect-maps": ("lesionserve.detection.map_report", "detector heatmaps (Grad-CAM++, EigenCAM) against lesion masks"),
     "evaluate-maps": ("lesionserve.training.map_eval", "score heatmaps against lesion masks (mass inside, pointing game, baselines)"),
     "export": ("lesionserve.export.onnx_export", "export a checkpoint to ONNX, checked against PyTorch"),
     "export-segmenter": ("lesionserve.export.segmenter_export", "export a segmenter checkpoint to ONNX, checked against PyTorch"),

@@ -2,6 +2,7 @@
 to fail; the served path never imports ultralytics (AGPL-3.0, a training extra)."""
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -100,3 +101,13 @@ def test_detect_evaluate_scores_label_sets_side_by_side_with_the_seed(tmp_path, 
         assert 0.0 <= scores["map50_95"] <= scores["map50"] <= 1.0
     table = markdown(report)
     assert "| mAP@0.5 |" in table and "0.603" in table and (tmp_path / "eval" / "detector_eval.json").is_file()
+
+    # The same weights' maps against the lesions' masks: Grad-CAM++ offline, the served EigenCAM.
+    from lesionserve.detection.export import export_detector
+    from lesionserve.detection.map_report import main as maps_main
+
+    export_detector(best, tmp_path / "export" / "model.onnx", imgsz=64)
+    assert maps_main(["--weights", str(best), "--onnx", str(tmp_path / "export" / "model.onnx"), "--data", str(tmp_path / "masks"),
+                      "--split", "val", "--masks", str(data.root / "masks.csv"), "--images", "2", "--out", str(tmp_path / "maps")]) == 0
+    maps = json.loads((tmp_path / "maps" / "detector_maps.json").read_text())
+    assert maps["images"] == 2 and all(0.0 <= maps[k]["maps"]["mass"] <= 1.0 for k in ("gradcampp", "eigencam"))
