@@ -113,3 +113,46 @@ def compare_masks(reference: np.ndarray, candidate: np.ndarray, threshold: float
     logit = float(np.log(threshold / (1 - threshold)))
     return MaskParityReport(len(reference), float(((reference > logit) == (candidate > logit)).mean()),
                             float(np.abs(reference - candidate).max()), min_agreement)
+
+
+#: FP16 detector heads against FP32: class scores within this, box coordinates within this share of the canvas.
+DEFAULT_MAX_SCORE_DIFF = 2e-2
+DEFAULT_MAX_BOX_FRACTION = 1e-2
+
+
+@dataclass(frozen=True)
+class DetectorParityReport:
+    """Agreement of two detector heads ((4 + C) x anchors per image): class scores and box coordinates."""
+
+    rows: int
+    max_score_diff: float
+    max_box_diff: float  # pixels on the letterboxed canvas
+    max_score_tolerance: float
+    max_box_tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_score_diff <= self.max_score_tolerance and self.max_box_diff <= self.max_box_tolerance
+
+    def summary(self) -> str:
+        return (f"max |score diff| {self.max_score_diff:.2e} (<= {self.max_score_tolerance:.0e}), max |box diff| "
+                f"{self.max_box_diff:.2f} px (<= {self.max_box_tolerance:.2f}) over {self.rows} images: "
+                f"{'ok' if self.passed else 'FAILED'}")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def compare_detector_heads(reference: np.ndarray, candidate: np.ndarray, imgsz: int,
+                           max_score_diff: float = DEFAULT_MAX_SCORE_DIFF,
+                           max_box_fraction: float = DEFAULT_MAX_BOX_FRACTION) -> DetectorParityReport:
+    """Compare two B x (4 + C) x A head outputs: scores everywhere, boxes where either scores > 0.05
+    (boxes of empty anchors are meaningless and may differ freely)."""
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    if reference.shape != candidate.shape or reference.ndim != 3 or len(reference) == 0:
+        raise ValueError(f"expected two equal non-empty B x (4 + C) x A arrays, got {reference.shape} and {candidate.shape}")
+    scores = np.abs(reference[:, 4:] - candidate[:, 4:])
+    live = np.maximum(reference[:, 4:].max(1), candidate[:, 4:].max(1)) > 0.05  # B x A
+    boxes = np.abs(reference[:, :4] - candidate[:, :4]).max(1)  # B x A
+    return DetectorParityReport(len(reference), float(scores.max()), float(boxes[live].max()) if live.any() else 0.0,
+                                max_score_diff, max_box_fraction * imgsz)

@@ -613,6 +613,10 @@ def render_crop(p: "CropPipeline") -> dict[str, str]:
             f"{p.name}/config.pbtxt": crop_ensemble_config(p), f"{p.name}/1/.gitkeep": ""}
 
 
+#: GPU variants of the detector: no gpu_torch, which would import ultralytics (AGPL-3.0) in serving.
+DETECTOR_GPU_VARIANTS = ("gpu", "gpu_ort")
+
+
 def _anchors(imgsz: int) -> int:
     """Anchor points of a YOLO head at strides 8, 16 and 32."""
     return sum((imgsz // stride) ** 2 for stride in (8, 16, 32))
@@ -635,17 +639,30 @@ def render_detection(p: "DetectionPipeline") -> dict[str, str]:
         + _param("imgsz", s) + _param("max_pixels", DEFAULT_MAX_PIXELS) + _param("max_bytes", DEFAULT_MAX_BYTES)
         + _instances(None)
     )
-    detector = (
-        "# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py) on the ultralytics\n"
-        f"# export (lesionserve detect-export). output0: per anchor ({a}) the box (cx, cy, w, h on the canvas) and {c} class scores.\n"
-        f'name: "{p.detector}"\nbackend: "python"\nmax_batch_size: {p.max_batch_size}\n'
-        + _tensors("input", [_tensor(DETECTOR_INPUT, "TYPE_FP32", (3, s, s))])
-        + "# features: layer 8's activations (channels x S/32 x S/32), computed only when the explain ensemble asks.\n"
-        + _tensors("output", [_tensor(DETECTOR_OUTPUT, "TYPE_FP32", (4 + c, a)), _tensor(FEATURES_OUTPUT, "TYPE_FP32", (-1, f, f))])
-        + f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[None]}\n}}\n"
-        + _param("intra_op_threads", CPU_INTRA_OP_THREADS) + _param("allow_spinning", 0)
-        + _param("core_lock", "backbones") + _param("run_batch", CPU_RUN_BATCH) + _instances(None)
-    )
+    identity = (f"# {p.detector}: the ultralytics export (lesionserve detect-export) at {s} px. output0: per anchor ({a}) the\n"
+                f"# box (cx, cy, w, h on the canvas) and {c} class scores; features: layer 8's activations (channels x\n"
+                "# S/32 x S/32), computed only when the explain ensemble asks.\n")
+    io = (_tensors("input", [_tensor(DETECTOR_INPUT, "TYPE_FP32", (3, s, s))])
+          + _tensors("output", [_tensor(DETECTOR_OUTPUT, "TYPE_FP32", (4 + c, a)), _tensor(FEATURES_OUTPUT, "TYPE_FP32", (-1, f, f))]))
+
+    def detector(variant: str | None) -> str:
+        batching = f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[variant]}\n}}\n"
+        head = f'name: "{p.detector}"\n'
+        if variant is None:
+            return ("# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py).\n"
+                    "# GPU variants: configs/{gpu,gpu_ort}.pbtxt (no gpu_torch: serving must not import ultralytics, AGPL-3.0).\n"
+                    + identity + head + f'backend: "python"\nmax_batch_size: {p.max_batch_size}\n' + io + batching
+                    + _param("intra_op_threads", CPU_INTRA_OP_THREADS) + _param("allow_spinning", 0)
+                    + _param("core_lock", "backbones") + _param("run_batch", CPU_RUN_BATCH) + _instances(None))
+        if variant == "gpu":
+            return ("# Variant gpu: a TensorRT FP16 engine (1/model.plan) built by `lesionserve tensorrt` from the ONNX file and\n"
+                    "# checked against ONNX Runtime on boxes and scores (an ultralytics .engine file is not a Triton plan).\n"
+                    + identity + head + 'platform: "tensorrt_plan"\ndefault_model_filename: "model.plan"\n'
+                    + f"max_batch_size: {p.max_batch_size}\n" + io + batching + _instances(variant))
+        shapes = {k: f"{DETECTOR_INPUT}:{n}x3x{s}x{s}" for k, n in (("min", 1), ("opt", p.max_batch_size), ("max", p.max_batch_size))}
+        return ("# Variant gpu_ort: Triton's onnxruntime backend on 1/model.onnx with the TensorRT execution provider in FP16.\n"
+                + identity + head + 'backend: "onnxruntime"\ndefault_model_filename: "model.onnx"\n'
+                + f"max_batch_size: {p.max_batch_size}\n" + io + batching + _instances(variant) + _tensorrt_accelerator(p.detector, shapes))
     nms_inputs = [_tensor(DETECTOR_OUTPUT, "TYPE_FP32", (-1, 4 + c, a)), _tensor("letterbox", "TYPE_FP32", (-1, 3)),
                   _tensor("image_size", "TYPE_INT32", (-1, 2)), _tensor("error", "TYPE_STRING", (-1, 1)),
                   _tensor("conf", "TYPE_FP32", (-1, 1)), _tensor("iou", "TYPE_FP32", (-1, 1)), _tensor("max_det", "TYPE_INT32", (-1, 1))]
@@ -698,7 +715,8 @@ def render_detection(p: "DetectionPipeline") -> dict[str, str]:
         )
 
     return {f"{pre}/config.pbtxt": pre_config, f"{pre}/1/model.py": model_py("detect_preprocess", "encoded images -> letterboxed detector input"),
-            f"{p.detector}/config.pbtxt": detector,
+            f"{p.detector}/config.pbtxt": detector(None),
+            **{f"{p.detector}/configs/{v}.pbtxt": detector(v) for v in DETECTOR_GPU_VARIANTS},
             f"{p.detector}/1/model.py": model_py("onnx_backbone", f"detector {p.detector}: ONNX Runtime on model.onnx"),
             f"{nms}/config.pbtxt": nms_config, f"{nms}/1/model.py": model_py("detect_nms", "head outputs -> boxes after NMS"),
             f"{cam}/config.pbtxt": cam_config, f"{cam}/1/model.py": model_py("detect_eigencam", "layer-8 activations -> EigenCAM per image"),

@@ -43,8 +43,9 @@ import numpy as np
 
 from lesionserve.pipelines import PIPELINES, declared_member, declared_pipeline
 from lesionserve.repository import DEFAULT_REPOSITORY
-from lesionserve.parity import (DEFAULT_MAX_PROB_DIFF, DEFAULT_MIN_AGREEMENT, MaskParityReport, ParityReport, compare_logits,
-                               compare_masks)
+from lesionserve.parity import (DEFAULT_MAX_PROB_DIFF, DEFAULT_MIN_AGREEMENT, MaskParityReport, ParityReport,
+                               compare_detector_heads, compare_logits, compare_masks)
+from lesionserve.detection.spec import DETECTOR_INPUT, DETECTOR_OUTPUT, LESION_DETECT
 from lesionserve.segmentation.spec import LESION_SEGMENT, SEGMENTER, SEGMENTER_INPUT, SEGMENTER_OUTPUT
 from lesionserve.spec import (
     ALLOWED_VIEWS,
@@ -136,6 +137,11 @@ def engine_profile(
     ``input_size``: the side the ONNX file takes (its trained size, see onnx_input_size); default the
     size its committed pipeline declares.
     """
+    if backbone == LESION_DETECT.detector:  # the detector: one row per image, letterboxed input
+        fan_out = fan_out or LESION_DETECT.max_batch_size
+        max_batch = max_batch or fan_out
+        return Profile(DETECTOR_INPUT, input_size or LESION_DETECT.imgsz, 1, min(opt_batch, max_batch), max_batch,
+                       DETECTOR_OUTPUT)
     if backbone == SEGMENTER.name:  # the segmenter: one row per image, no views
         fan_out = fan_out or LESION_SEGMENT.max_batch_size
         max_batch = max_batch or fan_out
@@ -341,7 +347,10 @@ def build_engine(
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineBuildError(format_build_errors(f"parsing {onnx_path}", errors, logger.messages))
     tensor = network.get_input(0)
-    if tensor.name != profile.input_name or tuple(tensor.shape)[1:] != profile.shape(1)[1:]:
+    dims = tuple(tensor.shape)[1:]
+    # An ultralytics export leaves height and width free (-1): the profile pins them to the served size.
+    fits = len(dims) == 3 and dims[0] == 3 and all(d in (-1, profile.input_size) for d in dims[1:])
+    if tensor.name != profile.input_name or not fits:
         raise EngineBuildError(
             f"{onnx_path}: input {tensor.name!r} {tuple(tensor.shape)} does not fit the profile "
             f"{profile.input_name!r} [batch, 3, {profile.input_size}, {profile.input_size}]"
@@ -387,12 +396,19 @@ class EngineRunner:
         if self.engine is None:
             raise EngineBuildError(format_build_errors("deserialising the engine", [], self.logger.messages))
         self.context = self.engine.create_execution_context()
-        # One row of the output: C logits (a backbone) or 1 x S x S mask logits (the segmenter).
-        self.row_shape = tuple(int(d) for d in self.engine.get_tensor_shape(profile.output_name)[1:])
         rows = profile.max_batch
         c = self.cudart
         self.d_in = _cuda(c, c.cudaMalloc(rows * 3 * profile.input_size**2 * 4), "cudaMalloc (input)")
-        self.d_out = _cuda(c, c.cudaMalloc(rows * int(np.prod(self.row_shape)) * 4), "cudaMalloc (output)")
+        # Every output needs a buffer (the detector's graph also has its features); one row of each
+        # at the profile's shape: C logits, 1 x S x S mask logits, (4 + C) x anchors boxes and scores.
+        self.context.set_input_shape(profile.input_name, profile.shape(rows))
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.row_shapes = {n: tuple(int(d) for d in self.context.get_tensor_shape(n)[1:]) for n in outputs}
+        self.d_outs = {n: _cuda(c, c.cudaMalloc(rows * int(np.prod(shape)) * 4), f"cudaMalloc ({n})")
+                       for n, shape in self.row_shapes.items()}
+        self.row_shape = self.row_shapes[profile.output_name]
+        self.d_out = self.d_outs[profile.output_name]
         self.stream = _cuda(c, c.cudaStreamCreate(), "cudaStreamCreate")
 
     def __call__(self, x: np.ndarray, chunks: Sequence[int | None] = CHECK_CHUNKS) -> np.ndarray:
@@ -403,7 +419,8 @@ class EngineRunner:
             if not self.context.set_input_shape(self.profile.input_name, chunk.shape):
                 raise EngineBuildError(f"engine refused input shape {chunk.shape} (profile {self.profile.to_json()})")
             self.context.set_tensor_address(self.profile.input_name, int(self.d_in))
-            self.context.set_tensor_address(self.profile.output_name, int(self.d_out))
+            for name, buffer in self.d_outs.items():
+                self.context.set_tensor_address(name, int(buffer))
             _cuda(c, c.cudaMemcpy(self.d_in, chunk.ctypes.data, chunk.nbytes, c.cudaMemcpyKind.cudaMemcpyHostToDevice), "copy in")
             if not self.context.execute_async_v3(int(self.stream)):
                 raise EngineBuildError(format_build_errors("running the engine", [], self.logger.messages))
@@ -416,7 +433,8 @@ class EngineRunner:
     def close(self) -> None:
         c = self.cudart
         c.cudaFree(self.d_in)
-        c.cudaFree(self.d_out)
+        for buffer in self.d_outs.values():
+            c.cudaFree(buffer)
         c.cudaStreamDestroy(self.stream)
 
     def __enter__(self) -> "EngineRunner":
@@ -439,6 +457,14 @@ def check_engine(
     from lesionserve.export.checks import check_batch, onnx_normalization, ort_logits, ort_session
 
     session = ort_session(onnx_path)
+    if profile.output_name == DETECTOR_OUTPUT:  # letterboxed lesions in [0, 1]; compare boxes and scores
+        from lesionserve.detection.export import check_inputs
+
+        x = check_inputs(profile.input_size, batch=min(images, SEGMENTER_CHECK_IMAGES), seed=1)
+        reference = session.run([DETECTOR_OUTPUT], {DETECTOR_INPUT: x})[0]
+        with EngineRunner(plan, profile) as run:
+            candidate = run(x)
+        return compare_detector_heads(reference, candidate, profile.input_size)
     if profile.segmenter:
         images = min(images, SEGMENTER_CHECK_IMAGES)  # 1 x S x S logits per image: fewer images suffice
     x = check_batch(profile.input_size, batch=images, seed=1, normalization=onnx_normalization(session))
@@ -535,6 +561,9 @@ def describe(metadata: dict[str, Any]) -> str:
     if metadata.get("skipped"):
         return f"{metadata['backbone']}: model.plan is up to date ({where}); --force rebuilds"
     check = metadata["check"]
+    if "max_box_diff" in check:
+        return (f"{metadata['backbone']}: built model.plan in {metadata['build_seconds']}s ({where}); vs ONNX Runtime: "
+                f"max |score diff| {check['max_score_diff']:.1e}, max |box diff| {check['max_box_diff']:.2f} px over {check['rows']} images")
     if "pixel_agreement" in check:
         return (f"{metadata['backbone']}: built model.plan in {metadata['build_seconds']}s ({where}); vs ONNX Runtime: "
                 f"masks agree on {check['pixel_agreement']:.4%} of pixels (>= {check['min_agreement']:.1%}) over {check['rows']} images")

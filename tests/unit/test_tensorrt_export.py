@@ -223,3 +223,28 @@ def test_compare_masks_passes_on_the_decision_not_on_the_logits():
     flipped[0, 0, :4] *= -1  # 128 of 2048 pixels change side
     report = compare_masks(reference, flipped, threshold=0.5)
     assert not report.passed and abs(report.pixel_agreement - (1 - 128 / 2048)) < 1e-9 and "FAILED" in report.summary()
+
+
+def test_detector_engine_profile_and_trtexec_line_from_a_generated_repository(tmp_path, capsys):
+    from lesionserve.detection.spec import LESION_DETECT
+    from lesionserve.repository import write_repository
+
+    write_repository(tmp_path, [LESION_DETECT.with_imgsz(320)])
+    assert trt_export.engine_members(tmp_path) == ["detector"]
+    assert trt_export.main(["--repository", str(tmp_path), "--print-trtexec", "--backbones", "detector"]) == 0
+    line = capsys.readouterr().out
+    assert "--minShapes=images:1x3x320x320" in line and "--maxShapes=images:8x3x320x320" in line
+
+
+def test_compare_detector_heads_checks_scores_everywhere_and_boxes_where_something_is_seen():
+    from lesionserve.parity import compare_detector_heads
+
+    rng = np.random.default_rng(0)
+    head = np.concatenate([rng.uniform(0, 320, (2, 4, 50)), rng.uniform(0, 0.04, (2, 7, 50))], axis=1)
+    head[0, 4, 3] = 0.9  # one live anchor
+    moved = head.copy()
+    moved[:, :4, 10] += 50.0  # an empty anchor's box: free to differ
+    assert compare_detector_heads(head, moved, 320).passed
+    moved[0, 0, 3] += 5.0  # the live anchor's box moves 5 px (> 1% of 320)
+    report = compare_detector_heads(head, moved, 320)
+    assert not report.passed and report.max_box_diff == pytest.approx(5.0) and "FAILED" in report.summary()
