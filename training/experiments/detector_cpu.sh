@@ -22,3 +22,10 @@ if [ ! -f "$OUT/yolo/.done" ]; then
   touch "$OUT/yolo/.done"
 fi
 echo TRAINING DONE
+W="$OUT/yolo/train/weights/best.pt"
+[ -f "$OUT/eval/detector_eval.json" ] || $PY -m lesionserve detect-evaluate --weights "$W" --split test \
+  --data masks="$OUT/data_masks/data.yaml" --data saliency="$OUT/data_saliency/data.yaml" --out "$OUT/eval"
+[ -f "$OUT/served/model.onnx" ] || $PY -m lesionserve detect-export --weights "$W" --out "$OUT/served/model.onnx" --imgsz 224
+[ -f "$OUT/maps/detector_maps.json" ] || $PY -m lesionserve detect-maps --weights "$W" --onnx "$OUT/served/model.onnx" \
+  --data "$OUT/data_masks" --split test --masks "$D/ham10000_masks.csv" --images 100 --out "$OUT/maps"
+echo ALL DONE
