@@ -144,3 +144,16 @@ def test_served_eigencam_equals_the_reference(server, detector):
     print(f"detector EigenCAM: max |served - reference| {worst:.2e}")
     assert all(r.heatmap.shape == (120, 160) for r in served) and worst <= 1e-4
     assert [r.detections for r in served] == [r.detections for r in plain] and plain[0].heatmap is None
+
+
+def test_detect_benchmark_measures_served_and_ultralytics_side_by_side(detector, tmp_path):
+    import json
+
+    from lesionserve.benchmarks import detect
+
+    argv = ["--weights", str(detector[0]), "--sizes", "64", "--rounds", "1", "--calls", "1", "--images", "synthetic",
+            "--out", str(tmp_path)]
+    assert detect.main(argv) == 0
+    report = json.loads((tmp_path / "detect.json").read_text())
+    assert set(report["medians"]["64"]) == {"served", "ultralytics", "ultralytics_onnx", "reference"}
+    assert all(v["images_per_s"] > 0 for v in report["medians"]["64"].values())
