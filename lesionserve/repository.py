@@ -80,6 +80,12 @@ def _instances(variant: str | None) -> str:
     return f"instance_group [ {{ count: 1, kind: {'KIND_CPU' if variant is None else 'KIND_GPU'} }} ]\n"
 
 
+def _cpu_ort_params() -> str:
+    """ONNX Runtime settings of every network on a CPU instance (benchmarks/RESULTS.md, "Tuning")."""
+    return (_param("intra_op_threads", CPU_INTRA_OP_THREADS) + _param("allow_spinning", 0)
+            + _param("core_lock", "backbones") + _param("run_batch", CPU_RUN_BATCH))
+
+
 def _head(name: str, backend: str, max_batch: int) -> str:
     return f'name: "{name}"\nbackend: "{backend}"\nmax_batch_size: {max_batch}\n'
 
@@ -230,8 +236,7 @@ def member_config(p: EnsemblePipeline, m: Member, variant: str | None) -> str:
             + "# CPU tuning (benchmarks/RESULTS.md, \"Tuning\"): the members take turns on the cores\n"
             "# (core_lock), each using both (intra_op_threads) without busy-waiting when idle (allow_spinning),\n"
             "# in ORT runs of run_batch rows (larger runs cost more per row on CPU, and more memory).\n"
-            + _param("intra_op_threads", CPU_INTRA_OP_THREADS) + _param("allow_spinning", 0)
-            + _param("core_lock", "backbones") + _param("run_batch", CPU_RUN_BATCH)
+            + _cpu_ort_params()
             + _instances(variant)
         )
     if variant == "gpu":
@@ -438,8 +443,7 @@ def segmenter_config(p: "SegmentationPipeline", variant: str | None = None) -> s
             "# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py).\n"
             f"# GPU variants: configs/{{{','.join(SEGMENTER_GPU_VARIANTS)}}}.pbtxt, selected with --model-config-name=NAME.\n"
             + identity + f'name: "{seg.name}"\nbackend: "python"\nmax_batch_size: {p.max_batch_size}\n' + io
-            + _param("intra_op_threads", CPU_INTRA_OP_THREADS) + _param("allow_spinning", 0)
-            + _param("core_lock", "backbones") + _param("run_batch", CPU_RUN_BATCH)
+            + _cpu_ort_params()
             + _instances(None)
         )
     if variant == "gpu":
@@ -652,8 +656,7 @@ def render_detection(p: "DetectionPipeline") -> dict[str, str]:
             return ("# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py).\n"
                     "# GPU variants: configs/{gpu,gpu_ort}.pbtxt (no gpu_torch: serving must not import ultralytics, AGPL-3.0).\n"
                     + identity + head + f'backend: "python"\nmax_batch_size: {p.max_batch_size}\n' + io + batching
-                    + _param("intra_op_threads", CPU_INTRA_OP_THREADS) + _param("allow_spinning", 0)
-                    + _param("core_lock", "backbones") + _param("run_batch", CPU_RUN_BATCH) + _instances(None))
+                    + _cpu_ort_params() + _instances(None))
         if variant == "gpu":
             return ("# Variant gpu: a TensorRT FP16 engine (1/model.plan) built by `lesionserve tensorrt` from the ONNX file and\n"
                     "# checked against ONNX Runtime on boxes and scores (an ultralytics .engine file is not a Triton plan).\n"
