@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from lesionserve import PROJECT_ROOT, prog
+from lesionserve import prog
 
 RECIPE_PATH = Path(__file__).with_name("recipe.yaml")
 #: Fonts ultralytics' plots look for; placed in its settings folder so check_font never downloads.

@@ -3,7 +3,6 @@ step's plain functions, the BLS re-encoding, training datasets and the generated
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import cv2
 import numpy as np
