@@ -40,6 +40,8 @@ def offline_environment(config_dir: str | Path) -> Path:
     from ultralytics import settings
     from ultralytics.utils import USER_CONFIG_DIR
 
+    restore_pil_open()
+
     folder = Path(USER_CONFIG_DIR)  # <YOLO_CONFIG_DIR>/Ultralytics, or where an earlier import fixed it
     folder.mkdir(parents=True, exist_ok=True)
     font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
@@ -50,6 +52,21 @@ def offline_environment(config_dir: str | Path) -> Path:
     off = ("sync", "hub", "wandb", "mlflow", "tensorboard", "clearml", "comet", "dvc", "neptune", "raytune")
     settings.update({k: False for k in off if k in settings})
     return folder
+
+
+def restore_pil_open() -> None:
+    """Undo ultralytics' import-time patch of ``PIL.Image.open`` (ultralytics.utils.patches), which
+    on an unidentified image tries to install and import pi-heif: in the same process the project's
+    own decoding (lesionserve.preprocessing) would then report "No module named 'pi_heif'" instead of
+    what is wrong with the image (measured: 6 tests failed that way)."""
+    import sys
+
+    from PIL import Image
+
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None)
+    if original is not None and Image.open is not original:
+        Image.open = original
 
 
 def load_recipe(path: str | Path = RECIPE_PATH) -> dict[str, Any]:

@@ -2,10 +2,14 @@
 ultralytics' own predict on the same images and weights, through the SDK."""
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
-pytest.importorskip("ultralytics", reason="ultralytics is not installed (make setup installs it)")
+# Not importorskip: importing ultralytics at collection would patch PIL.Image.open for the whole session.
+if importlib.util.find_spec("ultralytics") is None:
+    pytest.skip("ultralytics is not installed (make setup installs it)", allow_module_level=True)
 
 from lesionserve.detection.boxes import box_iou  # noqa: E402
 from lesionserve.detection.reference import DetectorReference  # noqa: E402

@@ -2,6 +2,8 @@
 to fail; the served path never imports ultralytics (AGPL-3.0, a training extra)."""
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import socket
 import subprocess
@@ -11,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("ultralytics", reason="ultralytics is not installed (make setup installs it)")
+# Not importorskip: importing ultralytics at collection would patch PIL.Image.open for the whole session.
+if importlib.util.find_spec("ultralytics") is None:
+    pytest.skip("ultralytics is not installed (make setup installs it)", allow_module_level=True)
 
 
 @pytest.fixture()
@@ -51,7 +55,10 @@ def test_one_epoch_training_and_export_run_with_every_connection_refused(tmp_pat
     assert Path(report.onnx_path).is_file() and report.max_abs_diff <= 1e-3
 
 
-def test_letterbox_equals_ultralytics_letterbox_pixel_for_pixel():
+def test_letterbox_equals_ultralytics_letterbox_pixel_for_pixel(tmp_path):
+    from lesionserve.detection.train import offline_environment
+
+    offline_environment(tmp_path / "ultralytics")  # imports ultralytics the project's way
     from ultralytics.data.augment import LetterBox
 
     from lesionserve.detection.preprocess import letterbox, unletterbox
@@ -111,3 +118,17 @@ def test_detect_evaluate_scores_label_sets_side_by_side_with_the_seed(tmp_path, 
                       "--split", "val", "--masks", str(data.root / "masks.csv"), "--images", "2", "--out", str(tmp_path / "maps")]) == 0
     maps = json.loads((tmp_path / "maps" / "detector_maps.json").read_text())
     assert maps["images"] == 2 and all(0.0 <= maps[k]["maps"]["mass"] <= 1.0 for k in ("gradcampp", "eigencam"))
+
+
+def test_importing_ultralytics_the_projects_way_leaves_image_decoding_alone(tmp_path):
+    """ultralytics patches PIL.Image.open at import (it then tries pi-heif on unknown files); the
+    project undoes it, so a bad image still gets the project's own message."""
+    from PIL import Image
+
+    from lesionserve.detection.train import offline_environment
+    from lesionserve.preprocessing import ImageDecodeError, decode_image
+
+    offline_environment(tmp_path / "ultralytics")
+    assert Image.open.__module__.startswith("PIL")
+    with pytest.raises(ImageDecodeError, match="not a JPEG, PNG, BMP, TIFF, WebP file"):
+        decode_image(b"not an image at all" * 20)
