@@ -194,3 +194,16 @@ def write_json(path: Path, payload: dict) -> None:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def interleaved_rounds(ways: dict[str, Callable[[], object]], items_per_call: int, calls: int, rounds: int,
+                       label: str = "") -> tuple[dict[str, list[dict]], dict[str, dict[str, float]]]:
+    """Time each way in turn, ``rounds`` times (drift then touches every way alike): (each round's
+    summary per way, the medians over rounds of images/s, p50 and p95 per way)."""
+    rates: dict[str, list[dict]] = {name: [] for name in ways}
+    for index in range(rounds):
+        for name, call in ways.items():
+            rates[name].append(measure(call, items_per_call, calls).summary())
+        print(f"{label}round {index + 1}: " + ", ".join(f"{k} {v[-1]['images_per_s']} img/s" for k, v in rates.items()), flush=True)
+    medians = {k: {m: median([r[m] for r in v]) for m in ("images_per_s", "p50_ms", "p95_ms")} for k, v in rates.items()}
+    return rates, medians

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lesionserve import prog
-from lesionserve.benchmarks.common import DEFAULT_OUT, cycle, load_images, machine_info, measure, median, write_json
+from lesionserve.benchmarks.common import DEFAULT_OUT, cycle, interleaved_rounds, load_images, machine_info, write_json
 
 BATCH = 8
 
@@ -151,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     reference = CropReference.from_artifacts([segmenter / "checkpoint.pt"], crop, views=args.views)
     ort_crop = OrtCrop(segmenter, crop, args.views, args.threads)
     print(f"images: {source}\nmachine: {machine_info()}\nT={args.views}; whole {whole}, crop {crop}, segmenter {segmenter}", flush=True)
-    rates: dict[str, list[dict]] = {"whole": [], "ensemble": [], "bls": [], "pytorch": [], "onnxrt": []}
     with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_path=args.out / "tritonserver.log",
                       startup_timeout=300) as server, LesionClient(server.grpc_url, timeout=600) as client:
         ways = {"whole": lambda take=cycle(images, BATCH): client.classify(take()),
@@ -159,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bls": lambda take=cycle(images, BATCH): client.classify(take(), crop=True, crop_model=bls.name),
                 "pytorch": lambda take=cycle(images, BATCH): reference.classify(take()),
                 "onnxrt": lambda take=cycle(images, BATCH): ort_crop.classify(take())}
-        for index in range(args.rounds):
-            for name, call in ways.items():
-                rates[name].append(measure(call, BATCH, args.calls).summary())
-            print(f"round {index + 1}: " + ", ".join(f"{k} {v[-1]['images_per_s']} img/s" for k, v in rates.items()), flush=True)
-    figures = {k: {m: median([r[m] for r in v]) for m in ("images_per_s", "p50_ms", "p95_ms")} for k, v in rates.items()}
+        rates, figures = interleaved_rounds(ways, BATCH, args.calls, args.rounds)
     rate = {k: v["images_per_s"] for k, v in figures.items()}
     split = ort_crop.time_split(images[:BATCH])
     write_json(args.out / "crop.json", {"views": args.views, "images": source, "rounds": rates, "medians": figures,

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from lesionserve import prog
-from lesionserve.benchmarks.common import DEFAULT_OUT, cycle, load_images, machine_info, measure, median, write_json
+from lesionserve.benchmarks.common import DEFAULT_OUT, cycle, interleaved_rounds, load_images, machine_info, write_json
 
 BATCH = 8
 
@@ -77,12 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ultralytics": lambda take=cycle(paths, BATCH): torch_model.predict([str(p) for p in take()], **opts),
                     "ultralytics_onnx": lambda take=cycle(paths, BATCH), s=size: onnx_models[s].predict([str(p) for p in take()], **opts),
                     "reference": lambda take=cycle(images, BATCH), s=size: references[s].detect(take())}
-            rates: dict[str, list[dict]] = {k: [] for k in ways}
-            for index in range(args.rounds):
-                for name, call in ways.items():
-                    rates[name].append(measure(call, BATCH, args.calls).summary())
-                print(f"imgsz {size} round {index + 1}: " + ", ".join(f"{k} {v[-1]['images_per_s']} img/s" for k, v in rates.items()), flush=True)
-            figures[size] = {k: {m: median([r[m] for r in v]) for m in ("images_per_s", "p50_ms", "p95_ms")} for k, v in rates.items()}
+            figures[size] = interleaved_rounds(ways, BATCH, args.calls, args.rounds, label=f"imgsz {size} ")[1]
     write_json(args.out / "detect.json", {"images": source, "weights": str(args.weights), "medians": figures})
     lines = [f"detector, 8 images per call, medians of {args.rounds} rounds:"]
     for size, rows in figures.items():

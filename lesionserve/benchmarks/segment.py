@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lesionserve import prog
-from lesionserve.benchmarks.common import DEFAULT_OUT, cycle, load_images, machine_info, measure, median, write_json
+from lesionserve.benchmarks.common import DEFAULT_OUT, cycle, interleaved_rounds, load_images, machine_info, write_json
 
 BATCH = 8
 
@@ -92,17 +92,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"images: {source}\nmachine: {machine_info()}\nsegmenter at {size} px", flush=True)
     repo = assemble_pipelines([(LESION_SEGMENT, folder)], out=args.out / "repository")
-    rates: dict[str, list[dict]] = {"served": [], "pytorch": [], "onnxrt": []}
     with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_path=args.out / "tritonserver.log",
                       startup_timeout=300) as server, LesionClient(server.grpc_url, timeout=600) as client:
         ways = {"served": lambda take=cycle(images, BATCH): client.segment(take()),
                 "pytorch": lambda take=cycle(images, BATCH): reference.segment(take()),
                 "onnxrt": lambda take=cycle(images, BATCH): ort_segment(take())}
-        for index in range(args.rounds):
-            for name, call in ways.items():
-                rates[name].append(measure(call, BATCH, args.calls).summary())
-            print(f"round {index + 1}: " + ", ".join(f"{k} {v[-1]['images_per_s']} img/s" for k, v in rates.items()), flush=True)
-    figures = {k: {m: median([r[m] for r in v]) for m in ("images_per_s", "p50_ms", "p95_ms")} for k, v in rates.items()}
+        rates, figures = interleaved_rounds(ways, BATCH, args.calls, args.rounds)
     # Where one call's time goes, in process (ORT as served): decode + preprocess, network, post-processing.
     t0 = time.perf_counter()
     rgbs, x = decode(images[:BATCH])

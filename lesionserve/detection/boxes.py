@@ -74,9 +74,9 @@ def saliency_box(rgb: np.ndarray) -> SaliencyBox:
 def mask_box(mask: np.ndarray) -> Box | None:
     """The real box: the bounding rectangle of the mask's largest component, holes filled; None if empty."""
     from lesionserve.cropping import NO_BOX
-    from lesionserve.segmentation.postprocess import bounding_box, fill_holes, largest_component
+    from lesionserve.segmentation.postprocess import bounding_box, lesion_of_mask
 
-    box = bounding_box(fill_holes(largest_component(mask.astype(bool))))
+    box = bounding_box(lesion_of_mask(mask.astype(bool)))
     return None if box == NO_BOX else box
 
 

@@ -62,13 +62,13 @@ def add_features_output(onnx_path: str | Path, layer: int = CAM_LAYER) -> str:
     nodes = [n for n in model.graph.node if n.name.startswith(prefix)]
     if not nodes:
         raise ValueError(f"{onnx_path}: no node of layer {layer} (names starting {prefix!r}): not an ultralytics export?")
-    inside = {o for n in nodes for o in n.output}
     # The layer's output: produced inside it, consumed outside it.
-    leaving = [o for n in nodes for o in n.output if any(o in m.input for m in model.graph.node if m not in nodes)]
-    if len(set(leaving)) != 1:
-        raise ValueError(f"{onnx_path}: layer {layer} has {len(set(leaving))} outputs leaving it, expected 1 ({sorted(set(leaving))[:3]})")
+    produced = {o for n in nodes for o in n.output}
+    consumed_outside = {i for n in model.graph.node if not n.name.startswith(prefix) for i in n.input}
+    leaving = sorted(produced & consumed_outside)
+    if len(leaving) != 1:
+        raise ValueError(f"{onnx_path}: layer {layer} has {len(leaving)} outputs leaving it, expected 1 ({leaving[:3]})")
     name = leaving[0]
-    assert name in inside
     identity = onnx.helper.make_node("Identity", [name], [FEATURES_OUTPUT], name="lesionserve/features")
     model.graph.node.append(identity)
     model.graph.output.append(onnx.helper.make_tensor_value_info(FEATURES_OUTPUT, onnx.TensorProto.FLOAT, ["batch", None, None, None]))

@@ -147,7 +147,7 @@ def segmenter_boxes(samples: Sequence, checkpoint: str | Path, batch: int = 8, t
 
 def mask_boxes(samples: Sequence, masks_csv: str | Path) -> list[tuple[str, ImageBox]]:
     """Each sample's expert-mask lesion (largest component, holes filled); not found without a mask."""
-    from lesionserve.segmentation.postprocess import bounding_box, fill_holes, largest_component
+    from lesionserve.segmentation.postprocess import bounding_box, lesion_of_mask
     from lesionserve.training.masks import load_mask_index, read_mask
 
     index = load_mask_index(masks_csv)
@@ -155,7 +155,7 @@ def mask_boxes(samples: Sequence, masks_csv: str | Path) -> list[tuple[str, Imag
     for s in samples:
         size = _image_size(Path(s.path).read_bytes())
         path = index.get(s.image_id)
-        box = NO_BOX if path is None else bounding_box(fill_holes(largest_component(read_mask(path, size))))
+        box = NO_BOX if path is None else bounding_box(lesion_of_mask(read_mask(path, size)))
         rows.append((s.image_id, ImageBox(int(size[0]), int(size[1]), box, "masks")))
     return rows
 

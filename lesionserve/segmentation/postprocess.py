@@ -63,6 +63,11 @@ def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
 
 
+def lesion_of_mask(mask: np.ndarray) -> np.ndarray:
+    """A binary mask as ISIC 2018 Task 1 defines a lesion: its largest component, holes filled."""
+    return fill_holes(largest_component(mask))
+
+
 def lesion_from_probabilities(probs: np.ndarray, width: int, height: int, threshold: float = MASK_THRESHOLD) -> Lesion:
     """S x S lesion probabilities (the segmenter's input geometry) -> the Lesion at width x height.
 
@@ -73,7 +78,7 @@ def lesion_from_probabilities(probs: np.ndarray, width: int, height: int, thresh
     if probs.ndim != 2:
         raise ValueError(f"expected one 2-D probability map, got shape {probs.shape}")
     full = cv2.resize(probs.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    mask = fill_holes(largest_component(full > threshold))
+    mask = lesion_of_mask(full > threshold)
     box = bounding_box(mask)
     found = box != NO_BOX
     return Lesion(mask, box, float(mask.mean()) if found else 0.0, found)

@@ -66,10 +66,6 @@ from lesionserve.training.metrics import (
 )
 from lesionserve.training.reports import fmt, fmt_ci, markdown_table, plot_confusion, plot_roc
 
-#: The members an artifacts folder holds, in fusion order (the seed ensemble's declaration).
-BACKBONE_NAMES = LESION_ENSEMBLE.member_names
-
-
 def backbone_arg(value: str) -> str:
     """argparse ``type=`` for a member name: the error lists the valid names."""
     known = {m for p in (*PIPELINES.values(), *GENERATED_PIPELINES.values()) for m in p.member_names}
