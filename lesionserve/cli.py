@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from lesionserve.server import PROJECT_ROOT, ServerStartError, TritonServer
+from lesionserve_client.credentials import API_KEY_ENV, API_KEY_HEADER, resolve_api_key
+
+from lesionserve.server import LOOPBACK, PROJECT_ROOT, ServerStartError, TritonServer
 from lesionserve.spec import GPU_VARIANTS, get_variant
 
 #: Backends of the tritonserver in the nvidia-pytriton wheel (see server.backend_dir).
@@ -25,10 +27,14 @@ BUNDLED_BACKENDS = ("python",)
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", type=Path, default=PROJECT_ROOT / "model_repository", help="model repository (default %(default)s)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network (default %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind gRPC and HTTP; beyond loopback (e.g. 0.0.0.0) needs --grpc-ssl-cert/--grpc-ssl-key "
+                             "and an API key (default %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port, 0 = any free port (default %(default)s)")
     parser.add_argument("--http-port", type=int, default=8000, help="HTTP port, 0 = any free port (default %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default %(default)s)")
+    parser.add_argument("--metrics-host", default=LOOPBACK,
+                        help="address to bind metrics (plain HTTP, no credential; default %(default)s)")
     parser.add_argument("--model-config-name", metavar="NAME",
                         help="serve a GPU variant: configs/<NAME>.pbtxt where a model has one "
                              f"({', '.join(GPU_VARIANTS)}); this bundled Triton runs gpu_torch (python backend only)")
@@ -37,6 +43,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         help="serve gRPC over TLS only, with this server certificate (needs --grpc-ssl-key); "
                              "clients then pass --ssl --root-certificates CA.pem")
     parser.add_argument("--grpc-ssl-key", type=Path, metavar="PEM", help="the certificate's private key (never printed or logged)")
+    parser.add_argument("--api-key-file", type=Path, metavar="FILE",
+                        help=f"require this file's API key for inference, metadata, configs and statistics (header "
+                             f"{API_KEY_HEADER}; default: ${API_KEY_ENV} if set, else none); HTTP then answers health only")
     parser.add_argument("--admin-apis", action="store_true",
                         help="open Triton's shared-memory, model-repository, trace and logging APIs, closed by default "
                              "(a request could otherwise map the server's shared memory); no LesionServe client needs them")
@@ -54,6 +63,8 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
         ssl_cert=args.grpc_ssl_cert,
         ssl_key=args.grpc_ssl_key,
         admin_apis=args.admin_apis,
+        api_key=resolve_api_key(api_key_file=args.api_key_file),
+        metrics_host=args.metrics_host,
     )
 
 
@@ -82,6 +93,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if (args.grpc_ssl_cert is None) != (args.grpc_ssl_key is None):
         print("error: --grpc-ssl-cert and --grpc-ssl-key go together (TLS needs both), or neither for plain gRPC", file=sys.stderr)
         return 2
+    try:
+        server = server_from_args(args)
+    except (OSError, ValueError) as exc:  # exposure without TLS or key; an unusable key file (named, never its content)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.artifacts:
         from lesionserve.export.assemble import AssembleError, assemble
 
@@ -92,15 +108,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"assembled {args.artifacts} into {args.repository}")
-    server = server_from_args(args)
     # Ctrl-C and SIGTERM (kill, container stop) both stop the server cleanly, even where the shell
     # started us with SIGINT ignored (background jobs).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.start()
-        grpc = f"gRPC {server.grpc_url}" + (" (TLS)" if server.tls else "")
-        print(f"tritonserver ready: {grpc}, HTTP {server.http_url}, log {server.log_path}", flush=True)
+        grpc = f"gRPC {server.grpc_url}" + (" (TLS)" if server.tls else "") + (" (API key required)" if server.api_key else "")
+        http = f"HTTP {server.http_url}" + (" (health only)" if server.http_health_only else "")
+        print(f"tritonserver ready: {grpc}, {http}, log {server.log_path}", flush=True)
         print("Ctrl-C to stop.", flush=True)
         while server.process.poll() is None:
             dead = server.dead_stubs()
@@ -145,6 +161,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect-export": ("lesionserve.detection.export", "export YOLO weights to ONNX (dynamic batch), checked against PyTorch"),
     "detect-evaluate": ("lesionserve.detection.evaluate", "mAP, precision, recall, AP per class against mask and saliency boxes"),
     "detect-maps": ("lesionserve.detection.map_report", "detector heatmaps (Grad-CAM++, EigenCAM) against lesion masks"),
+    "vit-train": ("lesionserve.vit.train", "train the multi-head ViT melanoma classifier with gradual unfreezing (seed 001's recipe)"),
+    "vit-evaluate": ("lesionserve.vit.evaluate", "ViT heads: sensitivity, specificity, BACC, AUC (bootstrap), threshold for a target sensitivity"),
+    "vit-export": ("lesionserve.vit.export", "export the ViT (logits per head + attention maps) to ONNX, checked against PyTorch"),
     "evaluate-maps": ("lesionserve.training.map_eval", "score heatmaps against lesion masks (mass inside, pointing game, baselines)"),
     "export": ("lesionserve.export.onnx_export", "export a checkpoint to ONNX, checked against PyTorch"),
     "export-segmenter": ("lesionserve.export.segmenter_export", "export a segmenter checkpoint to ONNX, checked against PyTorch"),

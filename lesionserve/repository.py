@@ -25,6 +25,7 @@ from lesionserve.explain import CAM_METHODS, CAMS_OUTPUT
 from lesionserve.pipelines import PIPELINES, EnsemblePipeline, Member
 from lesionserve.preprocessing import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from lesionserve.detection.spec import DetectionPipeline
+from lesionserve.vit.spec import MelanomaPipeline
 from lesionserve.segmentation.spec import CropPipeline, SegmentationPipeline
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, GPU_VARIANTS, TENSORRT_OPT_BATCH, check_views
 
@@ -727,6 +728,82 @@ def render_detection(p: "DetectionPipeline") -> dict[str, str]:
             f"{p.explain_name}/config.pbtxt": ensemble(True), f"{p.explain_name}/1/.gitkeep": ""}
 
 
+VIT_GPU_VARIANTS = ("gpu_ort",)
+
+
+def render_melanoma(p: "MelanomaPipeline") -> dict[str, str]:
+    """Relative path -> content of every generated file of the ViT melanoma pipeline."""
+    from lesionserve.vit.decision import HEAD_OUTPUTS
+    from lesionserve.vit.spec import MAP_KINDS, VIT_INPUT, logits_name, map_name
+
+    m, s, g = p.model, p.model.input_size, p.model.grid
+    pre, backbone, post = p.step("preprocess"), p.step("backbone"), p.step("post")
+    key = f"pixel_values_{p.preprocessing.key}"
+    logits = [_tensor(logits_name(h.name), "TYPE_FP32", (h.num_classes,)) for h in p.heads]
+    maps = [_tensor(map_name(k), "TYPE_FP32", (g, g)) for k in MAP_KINDS]
+    identity = (f"# {backbone}: {m.timm_name} at {s} px ({m.normalization.name} statistics), one MLP head per dataset\n"
+                f"# ({', '.join(m.heads)}): logits_<head>; attention_rollout (Abnar and Zuidema) and attention_cls (the last\n"
+                f"# block's CLS-token attention, mean over heads) on the {g} x {g} patch grid (lesionserve vit-export).\n")
+    io = (_tensors("input", [_tensor(VIT_INPUT, "TYPE_FP32", (3, s, s))]) + _tensors("output", logits + maps)
+          + f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[None]}\n}}\n")
+
+    def backbone_config(variant: str | None) -> str:
+        if variant is None:
+            return ("# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py).\n"
+                    f"# GPU variant: configs/{','.join(VIT_GPU_VARIANTS)}.pbtxt, selected with --model-config-name=NAME.\n"
+                    + identity + f'name: "{backbone}"\nbackend: "python"\nmax_batch_size: {p.max_batch_size}\n' + io
+                    + _cpu_ort_params() + _instances(None))
+        shapes = {k: f"{VIT_INPUT}:{n}x3x{s}x{s}" for k, n in (("min", 1), ("opt", p.max_batch_size), ("max", p.max_batch_size))}
+        return ("# Variant gpu_ort: Triton's onnxruntime backend on 1/model.onnx with the TensorRT execution provider in FP16.\n"
+                + identity + f'name: "{backbone}"\nbackend: "onnxruntime"\ndefault_model_filename: "model.onnx"\n'
+                + f"max_batch_size: {p.max_batch_size}\n" + io.replace(str(QUEUE_DELAY_US[None]), str(QUEUE_DELAY_US[variant]))
+                + _instances(variant) + _tensorrt_accelerator(backbone, shapes))
+
+    per_head = {"probs": lambda h: ("TYPE_FP32", (h.num_classes,)), "label": lambda h: ("TYPE_STRING", (1,)),
+                "melanoma": lambda h: ("TYPE_BOOL", (1,)), "threshold": lambda h: ("TYPE_FP32", (1,))}
+    assert tuple(per_head) == HEAD_OUTPUTS
+    head_outputs = [(f"{w}_{h.name}", *per_head[w](h)) for h in p.heads for w in HEAD_OUTPUTS]
+    post_config = (
+        "# Logits per head and the attention map -> per head softmax probabilities (probs_<head>), the decision at the\n"
+        "# head's operating threshold on P(melanoma) from 1/thresholds.json (label_<head>, melanoma_<head>, threshold_<head>),\n"
+        "# and attention: the map at each image's size, scaled to [0, 1], in the top-left image_size corner of a\n"
+        "# request-wide canvas (lesionserve/vit/decision.py).\n"
+        + _head(post, "python", 0)
+        + _tensors("input", [_tensor(logits_name(h.name), "TYPE_FP32", (-1, h.num_classes)) for h in p.heads]
+                   + [_tensor(map_name(p.map_kind), "TYPE_FP32", (-1, g, g)), _tensor("image_size", "TYPE_INT32", (-1, 2)),
+                      _tensor("error", "TYPE_STRING", (-1, 1))])
+        + _tensors("output", [_tensor(n, t, (-1, *d)) for n, t, d in head_outputs] + [_tensor("attention", "TYPE_FP32", (-1, -1, -1))])
+        + _param("heads", ",".join(m.heads)) + _param("map", p.map_kind) + _instances(None)
+    )
+    from_backbone = [(logits_name(h.name), logits_name(h.name)) for h in p.heads] + [(map_name(p.map_kind), map_name(p.map_kind))]
+    steps = [
+        _step(pre, [("raw_image", "raw_image")], [(key, key), ("error", "error"), ("image_size", "image_size")]),
+        _step(backbone, [(VIT_INPUT, key)], from_backbone),
+        _step(post, from_backbone + [("image_size", "image_size"), ("error", "error")],
+              [(n, n) for n, _, _ in head_outputs] + [("attention", "attention")]),
+    ]
+    ensemble = (
+        f"# Pipeline {p.name}: {p.description}.\n"
+        "# Encoded images in; per image and head probs_<head> (class_names_<head> order), label_<head>, melanoma_<head>,\n"
+        f"# threshold_<head>; attention ({p.map_kind} map at the image's size, top-left of the canvas), image_size, error.\n"
+        f'name: "{p.name}"\nplatform: "ensemble"\nmax_batch_size: {p.max_batch_size}\n'
+        + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,))])
+        + _tensors("output", [_tensor(n, t, d) for n, t, d in head_outputs]
+                   + [_tensor("attention", "TYPE_FP32", (-1, -1)), _tensor("image_size", "TYPE_INT32", (2,)),
+                      _tensor("error", "TYPE_STRING", (1,))])
+        + _param("heads", ",".join(m.heads))
+        + "".join(_param(f"class_names_{h.name}", ",".join(h.class_names)) for h in p.heads)
+        + _param("map", p.map_kind) + _param("backbone", m.timm_name) + _param("input_size", s)
+        + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+    )
+    return {f"{pre}/config.pbtxt": preprocess_config(p, None), f"{pre}/1/model.py": model_py("preprocess", STEP_CODE["preprocess"][2]),
+            f"{backbone}/config.pbtxt": backbone_config(None),
+            **{f"{backbone}/configs/{v}.pbtxt": backbone_config(v) for v in VIT_GPU_VARIANTS},
+            f"{backbone}/1/model.py": model_py("onnx_backbone", f"ViT backbone + heads {backbone}: ONNX Runtime on model.onnx"),
+            f"{post}/config.pbtxt": post_config, f"{post}/1/model.py": model_py("vit_post", "ViT logits and map -> probabilities, decisions, map"),
+            f"{p.name}/config.pbtxt": ensemble, f"{p.name}/1/.gitkeep": ""}
+
+
 def render_repository(pipelines: Sequence[EnsemblePipeline] = tuple(PIPELINES.values())) -> dict[str, str]:
     """Relative path -> content for every pipeline; two pipelines may not declare one model name."""
     files: dict[str, str] = {}
@@ -739,6 +816,8 @@ def render_repository(pipelines: Sequence[EnsemblePipeline] = tuple(PIPELINES.va
             owner[model] = p.name
         if isinstance(p, DetectionPipeline):
             files.update(render_detection(p))
+        elif isinstance(p, MelanomaPipeline):
+            files.update(render_melanoma(p))
         elif isinstance(p, CropPipeline):
             files.update(render_crop(p))
         elif isinstance(p, SegmentationPipeline):

@@ -34,6 +34,7 @@ from lesionserve.export.checks import NORMALIZATION_KEY
 from lesionserve.pipelines import GENERATED_PIPELINES, LESION_CROP_CLASSIFIER, LESION_ENSEMBLE, PIPELINES, EnsemblePipeline, Member, get_pipeline
 from lesionserve.repository import DEFAULT_REPOSITORY, SEGMENTER_TORCHSCRIPT, check_repository, write_repository
 from lesionserve.detection.spec import LESION_DETECT, DetectionPipeline
+from lesionserve.vit.spec import MELANOMA_VIT, MelanomaPipeline, ViTModel
 from lesionserve.segmentation.spec import CROP_MODES, LESION_CROP, CropPipeline, SegmentationPipeline
 from lesionserve.spec import ALLOWED_VIEWS, BACKBONE_INPUT, BACKBONE_OUTPUT, check_views
 
@@ -47,6 +48,9 @@ def artifact_files(artifacts: Path, pipeline: EnsemblePipeline = LESION_ENSEMBLE
     (a segmentation pipeline's: the segmenter's folder, ``model.onnx`` from ``export-segmenter``)."""
     if isinstance(pipeline, DetectionPipeline):
         return {artifacts / "model.onnx": [f"{pipeline.detector}/1/model.onnx"], artifacts / "model.export.json": []}
+    if isinstance(pipeline, MelanomaPipeline):  # the folder of vit-export's model.onnx and vit-evaluate's thresholds.json
+        return {artifacts / "model.onnx": [f"{pipeline.step('backbone')}/1/model.onnx"], artifacts / "model.export.json": [],
+                artifacts / "thresholds.json": [f"{pipeline.step('post')}/1/thresholds.json"]}
     if isinstance(pipeline, SegmentationPipeline):
         # With checkpoints, checkpoint.pt is traced into <segmenter>/1/model.ts (assemble_pipelines), not copied.
         return {artifacts / "model.onnx": [f"{pipeline.segmenter.name}/1/model.onnx"],
@@ -183,6 +187,15 @@ def served_pipeline(pipeline: EnsemblePipeline, artifacts: Path, views: int | No
             raise AssembleError(f"{artifacts / 'model.onnx'} detects {meta.get('class_names')}, {pipeline.name} declares "
                                 f"{list(pipeline.class_names)}: train on a dataset from `lesionserve detect-dataset`")
         return pipeline.with_imgsz(int(meta["imgsz"]))
+    if isinstance(pipeline, MelanomaPipeline):
+        from lesionserve.vit.reference import load_thresholds
+
+        model = ViTModel.from_dict(json.loads((artifacts / "model.export.json").read_text())["model"])
+        try:
+            load_thresholds(artifacts / "thresholds.json", model.heads)
+        except ValueError as exc:
+            raise AssembleError(str(exc)) from None
+        return pipeline.with_model(model)
     if isinstance(pipeline, SegmentationPipeline):
         return pipeline.with_input_size(segmenter_input_size(artifacts / "model.onnx", pipeline))
     served = pipeline.with_input_sizes(served_input_sizes(artifacts, pipeline, checkpoints))
@@ -320,6 +333,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--detector", metavar="DIR",
                         help="also serve the lesion_detect pipeline from DIR/model.onnx and DIR/model.export.json "
                              "(lesionserve detect-export); needs --out")
+    parser.add_argument("--melanoma", metavar="DIR",
+                        help="also serve the melanoma_vit pipeline from DIR/model.onnx, DIR/model.export.json "
+                             "(lesionserve vit-export) and DIR/thresholds.json (lesionserve vit-evaluate); needs --out")
     parser.add_argument("--crop-mode", choices=CROP_MODES, default=LESION_CROP.mode,
                         help="serve lesion_crop as a Triton ensemble or a BLS model (default %(default)s; "
                              "docs/segmentation.md says why)")
@@ -342,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --detector needs --out DIR (a generated repository)", file=sys.stderr)
             return 2
         pairs.append((LESION_DETECT, args.detector))
+    if args.melanoma:
+        if not args.out:
+            print("error: --melanoma needs --out DIR (a generated repository)", file=sys.stderr)
+            return 2
+        pairs.append((MELANOMA_VIT, args.melanoma))
     if args.crop_artifacts:
         if not args.segmenter:
             print("error: --crop-artifacts needs --segmenter DIR: lesion_crop segments before it classifies", file=sys.stderr)
