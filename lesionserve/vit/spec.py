@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lesionserve.architectures import IMAGENET, Normalization
+from lesionserve.architectures import Normalization
 from lesionserve.pipelines import Preprocessing
 from lesionserve.spec import CLASS_NAMES
 
@@ -20,6 +20,10 @@ VIT_INPUT = "pixel_values"
 #: over heads, and attention rollout (Abnar and Zuidema 2020) through every block.
 MAP_KINDS: tuple[str, ...] = ("rollout", "cls")
 DEFAULT_MAP = "rollout"
+#: DeiT's input statistics (timm's pretrained_cfg of deit_*_patch16_224, checked by a unit test): a
+#: pretrained DeiT file must be fed what it was trained with. Named for the ViT, so its tensors
+#: (``pixel_values_224_deit``) never mix with the CNNs' even where the numbers agree.
+DEIT = Normalization("deit", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 #: Melanoma sensitivity the operating threshold is chosen for on validation (``vit-evaluate``).
 DEFAULT_TARGET_SENSITIVITY = 0.90
 
@@ -75,14 +79,14 @@ def get_head(name: str) -> Head:
 @dataclass(frozen=True)
 class ViTModel:
     """The network: a timm ViT/DeiT configuration (``deit_tiny_patch16_224`` for CPU runs), its own
-    input size and normalisation (DeiT's ImageNet statistics, declared here, not taken from the CNNs),
+    input size and normalisation (DeiT's, declared here, not taken from the CNNs),
     and the hidden width of every head's MLP."""
 
     name: str = "melanoma_vit_backbone"
     timm_name: str = "deit_base_patch16_224"
     input_size: int = 224
     patch_size: int = 16
-    normalization: Normalization = IMAGENET
+    normalization: Normalization = DEIT
     head_hidden: int = 64
     heads: tuple[str, ...] = ("ham10000", "ph2")
 

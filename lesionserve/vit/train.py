@@ -5,7 +5,7 @@
     lesionserve vit-train ... --set timm_name=deit_tiny_patch16_224 --set epochs=4 --set head_only_epochs=1 \\
         --set unfreeze_per_epoch=6                                     # a reduced CPU run
     lesionserve vit-train ... --set schedule=all_at_once              # the comparison
-    lesionserve vit-train ... --resume                                # continue from <out>/last.pt
+    lesionserve vit-train ... --resume                                # continue from <out>/last.pt (epochs may grow)
 
 Each epoch prints and records (history.json) which groups are trainable and their learning rates.
 Writes <out>/splits.json (reused by a rerun and by ``vit-evaluate``), checkpoint.pt (best mean
@@ -219,9 +219,10 @@ def train_vit(config: Mapping[str, Any], data: Mapping[str, str], out: str | Pat
         if not last.is_file():
             raise FileNotFoundError(f"--resume: {last} not found (nothing to resume; drop --resume to start)")
         state = torch.load(last, map_location="cpu", weights_only=False)
-        if state["config"] != config:
-            changed = sorted(k for k in config if state["config"].get(k) != config[k])
-            raise RecipeError(f"--resume: the recipe differs from {last}'s in {', '.join(changed)}")
+        # More epochs may be asked for; anything else changed would make the run two different runs.
+        changed = sorted(k for k in config if k != "epochs" and state["config"].get(k) != config[k])
+        if changed:
+            raise RecipeError(f"--resume: the recipe differs from {last}'s in {', '.join(changed)} (only epochs may change)")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

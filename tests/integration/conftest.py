@@ -139,3 +139,31 @@ def many_images() -> list[bytes]:
     """19 distinct small JPEGs: spans three requests of at most 8 images."""
     rng = np.random.default_rng(11)
     return [_encode(render_lesion(CLASS_NAMES[i % 7], rng, (200, 150)), ".jpg") for i in range(19)]
+
+
+@pytest.fixture(scope="session")
+def vit_artifacts(tmp_path_factory) -> Path:
+    """A two-head DeiT-Tiny trained for two epochs at 64 px on synthetic lesions (ham10000: melanoma
+    vs rest, ph2: the synthetic PH2 stand-ins), evaluated (thresholds.json) and exported: the folder
+    ``assemble --melanoma`` takes, plus ``checkpoint.pt`` for the reference."""
+    import shutil
+
+    from lesionserve.synthetic import generate_dataset
+    from lesionserve.training.data import load_dataset
+    from lesionserve.vit.data import write_synthetic_ph2
+    from lesionserve.vit.evaluate import evaluate_checkpoint
+    from lesionserve.vit.export import export_vit
+    from lesionserve.vit.train import load_recipe, train_vit
+
+    root = tmp_path_factory.mktemp("vitserve")
+    data = generate_dataset(root / "data", size=(160, 120), seed=5, class_counts={c: 6 for c in CLASS_NAMES},
+                            repeat_fraction=0.0, progress=False)
+    ph2 = write_synthetic_ph2(load_dataset(data.root), root / "ph2.csv")
+    config = load_recipe(overrides={"timm_name": "deit_tiny_patch16_224", "input_size": 64, "epochs": 2, "head_only_epochs": 1,
+                                    "unfreeze_per_epoch": 16, "val_fraction": 0.25, "test_fraction": 0.25})
+    checkpoint = train_vit(config, {"ham10000": str(data.root), "ph2": str(ph2)}, root / "run", progress=False)
+    out = root / "artifacts"
+    evaluate_checkpoint(checkpoint, root / "run" / "splits.json", out, n_boot=50, progress=False)
+    export_vit(checkpoint, out / "model.onnx")
+    shutil.copyfile(checkpoint, out / "checkpoint.pt")
+    return out
