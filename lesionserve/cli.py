@@ -173,7 +173,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tensorrt": ("lesionserve.export.tensorrt", "build TensorRT FP16 engines on the serving GPU"),
 }
 #: ``lesionserve bench NAME ...`` runs lesionserve.benchmarks.NAME; plain ``bench`` runs them all.
-BENCHMARKS = ("run_all", "harness", "perf_analyzer", "scaling", "tuning", "run_batch", "soak", "explain_overhead", "segment", "crop", "detect")
+BENCHMARKS = ("run_all", "harness", "perf_analyzer", "scaling", "tuning", "run_batch", "soak", "explain_overhead", "segment", "crop", "detect",
+              "melanoma")
 
 
 def run_module(module: str, argv: list[str], prog: str) -> int:

@@ -129,14 +129,16 @@ def markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, splits: str | Path, out: str | Path,
-                        target: float = DEFAULT_TARGET_SENSITIVITY, n_boot: int = 1000, progress: bool = True) -> dict[str, Any]:
+                        target: float = DEFAULT_TARGET_SENSITIVITY, n_boot: int = 1000, progress: bool = True,
+                        device: str = "auto") -> dict[str, Any]:
     from lesionserve.vit.data import read_split_file, resized_pixels
     from lesionserve.vit.decision import softmax
     from lesionserve.vit.model import load_checkpoint
     from lesionserve.vit.spec import get_head
-    from lesionserve.vit.train import predict
+    from lesionserve.vit.train import predict, resolve_device
 
     model, _ = load_checkpoint(checkpoint)
+    model.to(resolve_device(device))
     split = read_split_file(Path(splits))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,6 +171,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY,
                         help=f"melanoma sensitivity the threshold is chosen for on validation (default {DEFAULT_TARGET_SENSITIVITY})")
     parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -176,7 +179,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        evaluate_checkpoint(args.checkpoint, args.splits, args.out, args.target_sensitivity, args.boot, not args.no_progress)
+        evaluate_checkpoint(args.checkpoint, args.splits, args.out, args.target_sensitivity, args.boot, not args.no_progress,
+                            args.device)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -163,7 +163,8 @@ def save_checkpoint(model: MultiHeadViT, path: str | Path, extra: Mapping[str, A
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"spec": model.spec.to_dict(), "state_dict": model.state_dict(), **(extra or {})}, tmp)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # loadable without the training device
+    torch.save({"spec": model.spec.to_dict(), "state_dict": state, **(extra or {})}, tmp)
     tmp.replace(path)  # never a half-written checkpoint
 
 

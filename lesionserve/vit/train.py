@@ -116,11 +116,23 @@ def to_tensor(pixels: np.ndarray, normalization: Any) -> Any:
     return torch.from_numpy(np.stack([normalize(np.ascontiguousarray(p), normalization) for p in pixels]))
 
 
+def resolve_device(name: str = "auto") -> str:
+    """``auto``: cuda when available, else cpu; anything else must be usable (ValueError names it)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available here; use cpu or auto")
+    return name
+
+
 def predict(model: Any, pixels: np.ndarray, batch_size: int = 32, progress: bool = False, desc: str = "") -> dict[str, np.ndarray]:
-    """{head: N x k logits} of resized uint8 images, in eval mode, no attention recorded."""
+    """{head: N x k logits} of resized uint8 images, in eval mode, no attention recorded (on the model's device)."""
     import torch
 
     model.eval()
+    device = next(model.parameters()).device
     out: dict[str, list[np.ndarray]] = {h: [] for h in model.spec.heads}
     starts: Any = range(0, len(pixels), batch_size)
     if progress:
@@ -129,9 +141,9 @@ def predict(model: Any, pixels: np.ndarray, batch_size: int = 32, progress: bool
         starts = tqdm(starts, desc=desc or "predicting", unit="batch", leave=False)
     with torch.no_grad():
         for s in starts:
-            logits = model(to_tensor(pixels[s:s + batch_size], model.spec.normalization))
+            logits = model(to_tensor(pixels[s:s + batch_size], model.spec.normalization).to(device))
             for h, v in logits.items():
-                out[h].append(v.numpy())
+                out[h].append(v.float().cpu().numpy())
     return {h: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for h, v in out.items()}
 
 
@@ -179,8 +191,9 @@ def _prepare_splits(config: Mapping[str, Any], data: Mapping[str, str], out: Pat
 
 
 def train_vit(config: Mapping[str, Any], data: Mapping[str, str], out: str | Path, resume: bool = False,
-              progress: bool = True) -> Path:
-    """Train per ``config`` (load_recipe) on ``data`` (head -> source) into ``out``; returns checkpoint.pt."""
+              progress: bool = True, device: str = "auto") -> Path:
+    """Train per ``config`` (load_recipe) on ``data`` (head -> source) into ``out`` on ``device``
+    (auto: CUDA when there is one); returns checkpoint.pt (always saved with CPU tensors)."""
     import torch
     from torch import nn
 
@@ -194,6 +207,7 @@ def train_vit(config: Mapping[str, Any], data: Mapping[str, str], out: str | Pat
     torch.manual_seed(int(config["seed"]))
     spec = ViTModel(timm_name=config["timm_name"], input_size=int(config["input_size"]),
                     head_hidden=int(config["head_hidden"]), heads=tuple(config["heads"]))
+    device = resolve_device(device)
     model = MultiHeadViT(spec)
     if config.get("pretrained"):
         dropped = load_pretrained(model, config["pretrained"])
@@ -204,13 +218,14 @@ def train_vit(config: Mapping[str, Any], data: Mapping[str, str], out: str | Pat
                                       for k, v in per.items()))
     heads = load_head_data(splits, spec.input_size, progress)
 
+    model.to(device)
     groups = parameter_groups(model)
     names = list(groups)
     optimizer = torch.optim.AdamW([{"params": ps, "lr": float(config["lr"][group_kind(n)]), "name": n} for n, ps in groups.items()],
                                   weight_decay=float(config["weight_decay"]))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=float(config["plateau_factor"]),
                                                            patience=int(config["plateau_patience"]))
-    weights = {n: torch.from_numpy(class_weight_vector(d.labels["train"], d.head.num_classes, config["class_weights"]))
+    weights = {n: torch.from_numpy(class_weight_vector(d.labels["train"], d.head.num_classes, config["class_weights"])).to(device)
                for n, d in heads.items()}
     history: list[dict[str, Any]] = []
     start_epoch, best = 0, -math.inf
@@ -218,7 +233,7 @@ def train_vit(config: Mapping[str, Any], data: Mapping[str, str], out: str | Pat
     if resume:
         if not last.is_file():
             raise FileNotFoundError(f"--resume: {last} not found (nothing to resume; drop --resume to start)")
-        state = torch.load(last, map_location="cpu", weights_only=False)
+        state = torch.load(last, map_location=device, weights_only=False)
         # More epochs may be asked for; anything else changed would make the run two different runs.
         changed = sorted(k for k in config if k != "epochs" and state["config"].get(k) != config[k])
         if changed:
@@ -255,14 +270,15 @@ def train_vit(config: Mapping[str, Any], data: Mapping[str, str], out: str | Pat
             pixels = np.concatenate([heads[order_heads[h]].pixels["train"][[r]] for h, r in chunk])
             if config["augment"] == "dihedral":
                 pixels = dihedral(pixels, rng)
-            x = to_tensor(pixels, spec.normalization)
+            x = to_tensor(pixels, spec.normalization).to(device)
             logits = model(x)
             loss = x.new_zeros(())
             for hi, name in enumerate(order_heads):
                 rows = np.flatnonzero(chunk[:, 0] == hi)
                 if rows.size:
-                    target = torch.from_numpy(heads[name].labels["train"][chunk[rows, 1]])
-                    loss = loss + nn.functional.cross_entropy(logits[name][rows], target, weight=weights[name], reduction="sum")
+                    target = torch.from_numpy(heads[name].labels["train"][chunk[rows, 1]]).to(device)
+                    picked = logits[name][torch.from_numpy(rows).to(device)]
+                    loss = loss + nn.functional.cross_entropy(picked, target, weight=weights[name], reduction="sum")
             loss = loss / len(chunk)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -280,7 +296,7 @@ def train_vit(config: Mapping[str, Any], data: Mapping[str, str], out: str | Pat
               + f" | {record['seconds']:.0f}s", flush=True)
         if score > best or not (out / "checkpoint.pt").is_file():
             best = max(score, best) if not math.isnan(score) else best
-            save_checkpoint(model, out / "checkpoint.pt", {"epoch": epoch + 1, "val": val, "config": config})
+            save_checkpoint(model, out / "checkpoint.pt", {"epoch": epoch + 1, "val": val, "config": config, "device": device})
         (out / "history.json").write_text(json.dumps(history, indent=1))
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "epoch": epoch, "best": best, "history": history, "config": config}, last.with_suffix(".tmp"))
@@ -342,6 +358,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (YAML value)")
     parser.add_argument("--pretrained", help="local backbone state dict, loaded strictly (same as --set pretrained=FILE)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (same recipe)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -354,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["pretrained"] = args.pretrained
         config = load_recipe(args.recipe, overrides)
         print("recipe: " + json.dumps(config))
-        path = train_vit(config, parse_assignments(args.data, "--data"), args.out, resume=args.resume, progress=not args.no_progress)
+        path = train_vit(config, parse_assignments(args.data, "--data"), args.out, resume=args.resume, progress=not args.no_progress,
+                         device=args.device)
     except (RecipeError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

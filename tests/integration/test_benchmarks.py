@@ -105,3 +105,13 @@ def test_crop_benchmark_measures_both_modes_beside_whole_images_and_pytorch(tmp_
     assert set(report["medians"]) == {"whole", "ensemble", "bls", "pytorch", "onnxrt"} and report["views"] == 1
     assert all(v["images_per_s"] > 0 for v in report["medians"].values())
     assert set(report["time_split_8_images"]) == {"decode_preprocess_ms", "segmenter_ms", "boxes_ms", "crop_and_classify_ms"}
+
+
+def test_melanoma_benchmark_measures_served_pytorch_and_onnxrt_side_by_side(tmp_path):
+    from lesionserve.benchmarks import melanoma
+
+    argv = ["--size", "32", "--rounds", "1", "--calls", "1", "--images", "synthetic", "--out", str(tmp_path)]
+    assert melanoma.main(argv) == 0
+    report = json.loads((tmp_path / "melanoma.json").read_text())
+    assert set(report["medians"]) == {"served", "pytorch", "pytorch_no_maps", "onnxrt"} and report["network"]["input_size"] == 32
+    assert all(v["images_per_s"] > 0 for v in report["medians"].values())
