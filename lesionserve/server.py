@@ -5,6 +5,7 @@ Used by the ``lesionserve serve`` command, the demo and the integration-test fix
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import secrets
 import shutil
@@ -18,6 +19,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lesionserve_client.credentials import API_KEY_HEADER, ApiKey
 
 from lesionserve import PROJECT_ROOT
 from lesionserve.processes import StubProcess, mapped_shm_regions, python_stubs, remove_shm_regions
@@ -44,6 +47,20 @@ RESTRICTED_APIS = ("shared-memory", "model-repository", "trace", "logging")
 #: Header a request would need to use a restricted API (over gRPC Triton expects it prefixed with
 #: ``triton-grpc-protocol-``); its value is random per start and never printed or logged.
 RESTRICTED_HEADER = "lesionserve-admin"
+#: Every protocol group Triton 2.51 can restrict (the names of --grpc-restricted-protocol and
+#: --http-restricted-api). Health is never restricted here: probes need it, and it tells nothing.
+PROTOCOL_GROUPS = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
+                   "statistics", "trace", "logging")
+#: What a server started with an API key requires it for, over gRPC: every call of the SDK but health
+#: (metadata and configs name the models and classes; statistics count the traffic).
+CREDENTIAL_APIS = ("inference", "metadata", "model-config", "statistics")
+#: Header of the HTTP restriction that leaves HTTP to health alone (with TLS or an API key): its value is
+#: random per start and given to nobody. Measured on 2.51: `/v2/health/{ready,live}` answer 200 without
+#: it; `/v2`, model configs and `POST /v2/models/<m>/infer` answer 403 "This API is restricted, expecting
+#: header 'lesionserve-closed'", also with the right `lesionserve-key`. So there is no plain-text
+#: inference beside a TLS gRPC port, and the key never crosses plain HTTP.
+CLOSED_HEADER = "lesionserve-closed"
+LOOPBACK = "127.0.0.1"
 #: Seconds a stub may take to exit by itself once its server is gone, before it is killed.
 STUB_EXIT_GRACE = 5.0
 
@@ -104,13 +121,25 @@ def _die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM it when the launching process dies, even by SIGKILL.
 
     The server gets its own session (so Ctrl-C reaches only us and we stop it in order), which
-    would otherwise let it outlive a killed launcher and keep its ports.
+    would otherwise let it outlive a killed launcher and keep its ports. The "parent" is the thread
+    that called ``start``: a server started from a worker thread is stopped when that thread ends
+    (seen: three servers started from a thread pool got SIGTERM 0.3 s after becoming ready).
     """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:  # not Linux: fall back to stop() / the context manager
         pass
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a port on this machine (a name other than localhost: assume not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def free_port() -> int:
@@ -126,6 +155,12 @@ class TritonServer:
     Safe by default: ports of 0 pick free ones; binds to ``host`` (loopback by default); model control
     API off; the APIs in RESTRICTED_APIS closed unless ``admin_apis``. ``ssl_cert`` + ``ssl_key``
     (PEM files) serve gRPC over TLS only. ``stop`` leaves no stub process or shared-memory region behind.
+
+    ``api_key``: gRPC then requires header ``lesionserve-key`` (``triton-grpc-protocol-lesionserve-key``
+    on the wire) for CREDENTIAL_APIS (and for the admin APIs when ``admin_apis``). With TLS or an API
+    key, HTTP answers health only (CLOSED_HEADER). A ``host`` beyond loopback needs both TLS and an
+    API key: anything else is refused here. Metrics (plain HTTP, no credential) bind ``metrics_host``,
+    loopback unless said otherwise.
     """
 
     repository: Path
@@ -139,6 +174,8 @@ class TritonServer:
     ssl_cert: Path | None = None
     ssl_key: Path | None = None
     admin_apis: bool = False
+    api_key: ApiKey | str | None = None
+    metrics_host: str = LOOPBACK
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = field(default=None, init=False)
 
@@ -149,17 +186,33 @@ class TritonServer:
             raise ValueError("TLS needs both ssl_cert and ssl_key (PEM files), or neither for plain gRPC")
         self.ssl_cert = Path(self.ssl_cert) if self.ssl_cert is not None else None
         self.ssl_key = Path(self.ssl_key) if self.ssl_key is not None else None
+        if isinstance(self.api_key, str):  # wrapped: the dataclass repr then shows its length, not the key
+            self.api_key = ApiKey(self.api_key, "the api_key argument")
+        if not is_loopback(self.host):
+            missing = [what for what, ok in (("TLS (--grpc-ssl-cert and --grpc-ssl-key)", self.tls),
+                                             ("an API key (LESIONSERVE_API_KEY or --api-key-file)", self.api_key is not None)) if not ok]
+            if missing:
+                raise ValueError(f"host {self.host!r} exposes the server beyond loopback, which needs TLS and an API key; "
+                                 f"missing: {' and '.join(missing)} (or bind {LOOPBACK})")
         self.grpc_port = self.grpc_port or free_port()
         self.http_port = self.http_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
         # Never printed or logged: a request would need it to use a restricted API.
         self._restricted_value = secrets.token_hex(16)
+        # Given to nobody: with it, HTTP would answer more than health.
+        self._closed_value = secrets.token_hex(16)
         self._stubs_at_ready: list[StubProcess] = []
         self._shm_regions: set[str] = set()
 
     @property
     def tls(self) -> bool:
         return self.ssl_cert is not None
+
+    @property
+    def http_health_only(self) -> bool:
+        """HTTP answers health and nothing else: with TLS (no plain-text twin of the TLS port) or an API
+        key (which must not cross plain HTTP)."""
+        return self.tls or self.api_key is not None
 
     @property
     def grpc_url(self) -> str:
@@ -178,7 +231,7 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
-            f"--metrics-address={self.host}",
+            f"--metrics-address={self.metrics_host}",
             f"--metrics-port={self.metrics_port}",
             "--model-control-mode=none",
             "--exit-on-error=true",
@@ -187,9 +240,18 @@ class TritonServer:
             f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
             "--log-verbose=0",
         ]
+        admin = f"{','.join(RESTRICTED_APIS)}:{RESTRICTED_HEADER}={self._restricted_value}"
+        if self.api_key is not None:
+            keyed = CREDENTIAL_APIS + (RESTRICTED_APIS if self.admin_apis else ())
+            cmd.append(f"--grpc-restricted-protocol={','.join(keyed)}:{API_KEY_HEADER}={self.api_key.value}")
         if not self.admin_apis:
-            restricted = f"{','.join(RESTRICTED_APIS)}:{RESTRICTED_HEADER}={self._restricted_value}"
-            cmd += [f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
+            cmd.append(f"--grpc-restricted-protocol={admin}")
+        # A group may sit in one HTTP restriction only (2.51 refuses to start otherwise): all but health, or the admin ones.
+        if self.http_health_only:
+            closed = [group for group in PROTOCOL_GROUPS if group != "health"]
+            cmd.append(f"--http-restricted-api={','.join(closed)}:{CLOSED_HEADER}={self._closed_value}")
+        elif not self.admin_apis:
+            cmd.append(f"--http-restricted-api={admin}")
         if self.tls:
             cmd += ["--grpc-use-ssl=true", f"--grpc-server-cert={self.ssl_cert}", f"--grpc-server-key={self.ssl_key}"]
         if self.model_config_name:

@@ -6,8 +6,10 @@
 """
 from .client import LesionClient
 from .config import ModelInfo
+from .credentials import API_KEY_ENV, API_KEY_HEADER, ApiKey
 from .encoding import ImageInput, encode_png
 from .errors import (
+    CredentialError,
     ImageError,
     InvalidImageError,
     LesionServeError,
@@ -17,19 +19,25 @@ from .errors import (
     ServerUnavailableError,
     UndecodableImageError,
 )
-from .results import Detection, DetectionResult, LesionResult, SegmentationResult
+from .results import Detection, DetectionResult, HeadPrediction, LesionResult, MelanomaResult, SegmentationResult
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "API_KEY_ENV",
+    "API_KEY_HEADER",
+    "ApiKey",
+    "CredentialError",
     "Detection",
     "DetectionResult",
     "ImageError",
     "ImageInput",
     "InvalidImageError",
+    "HeadPrediction",
     "LesionClient",
     "LesionResult",
     "LesionServeError",
+    "MelanomaResult",
     "SegmentationResult",
     "ModelConfigError",
     "ModelInfo",

@@ -7,8 +7,9 @@ import os
 import sys
 from typing import Any, Optional, Sequence, TextIO
 
-from .client import (CROP_MODEL, DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, DETECT_MODEL, DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_URL, EXPLAIN_METHODS, SEGMENT_MODEL, LesionClient,
-                     validate_url)
+from .client import (CROP_MODEL, DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, DETECT_MODEL, DEFAULT_MODEL, DEFAULT_RETRIES, DEFAULT_URL, EXPLAIN_METHODS, MELANOMA_MODEL, SEGMENT_MODEL, LesionClient,
+                     validate_urls)
+from .credentials import API_KEY_ENV
 from .encoding import encode_png
 from .errors import LesionServeError, ServerUnavailableError
 from .results import LesionResult
@@ -27,7 +28,8 @@ Output: one table row per image (label, its confidence, the top-3 classes with t
 probabilities, and the classes whose decision threshold fired), or a JSON list with --json.
 
 Exit status: 0 on success, 2 on an error (bad input, undecodable image, server error,
-timeout, unusable CA file), 3 when the server cannot be reached (after the retries).
+timeout, unusable CA or API key file, API key refused), 3 when the server cannot be reached
+(after the retries).
 """
 
 _CLASSIFY_EPILOG = """\
@@ -38,10 +40,10 @@ examples:
 """
 
 
-def _url(value: str) -> str:
-    """argparse type: reject scheme-prefixed urls with a helpful message."""
+def _url(value: str) -> tuple[str, ...]:
+    """argparse type: one host:port or several, comma-separated; scheme-prefixed urls are rejected."""
     try:
-        return validate_url(value)
+        return validate_urls(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -73,7 +75,7 @@ def _connection_args(command: argparse.ArgumentParser) -> None:
         "--url",
         type=_url,
         default=DEFAULT_URL,
-        help=f"Triton gRPC endpoint as host:port, no scheme (default: {DEFAULT_URL})",
+        help=f"Triton gRPC endpoint as host:port, no scheme, or several replicas comma-separated (default: {DEFAULT_URL})",
     )
     command.add_argument(
         "--timeout", type=_seconds, default=60.0, metavar="S",
@@ -87,6 +89,10 @@ def _connection_args(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--root-certificates", metavar="CA.pem",
         help="PEM file of the CA that signed the server's certificate (with --ssl; default: the system's CAs)",
+    )
+    command.add_argument(
+        "--api-key-file", metavar="FILE",
+        help=f"file holding the API key a server started with one requires (default: ${API_KEY_ENV}, if set)",
     )
 
 
@@ -143,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--max-det", type=int, default=DEFAULT_MAX_DET, help="boxes per image at most (default: %(default)s)")
     detect.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     detect.add_argument("--overlay", metavar="OUTDIR", help="also write one PNG per image with its boxes drawn into OUTDIR; needs Pillow")
+    melanoma = commands.add_parser(
+        "melanoma", help="melanoma or not, by the ViT classifier's head of your choice",
+        description="Classify each image with the ViT melanoma pipeline (melanoma_vit): one head per dataset it was "
+                    "trained on (e.g. ham10000: melanoma vs rest; ph2: common nevus / atypical nevus / melanoma). Prints each "
+                    "head's probabilities and its decision at the head's calibrated threshold; --overlay writes the "
+                    "attention map over each image.")
+    melanoma.add_argument("images", nargs="+", metavar="IMG", help="image file(s)")
+    _connection_args(melanoma)
+    melanoma.add_argument("--model", default=MELANOMA_MODEL, help=f"melanoma ensemble (default: {MELANOMA_MODEL})")
+    melanoma.add_argument("--head", help="only this head (default: every head the server has; an unknown name lists them)")
+    melanoma.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    melanoma.add_argument("--overlay", metavar="OUTDIR",
+                          help="also write one PNG per image with its attention map (rollout) blended in; needs Pillow")
     return parser
 
 
@@ -238,6 +257,31 @@ def _detect(args: argparse.Namespace, client: LesionClient, out: TextIO) -> None
         print(f"{len(written)} overlay(s) in {args.overlay}", file=sys.stderr)
 
 
+def format_melanoma(images: Sequence[str], results: Sequence[Any]) -> str:
+    """One row per image and head: the decision, P(melanoma) against the threshold, every probability."""
+    rows = [("IMAGE", "HEAD", "DECISION", "P(MELANOMA)", "THRESHOLD", "PROBABILITIES")]
+    for image, r in zip(images, results):
+        for p in r.heads.values():
+            rows.append((image, p.head, p.label + (" (melanoma)" if p.melanoma else ""), f"{p.p_melanoma:.3f}", f"{p.threshold:.3f}",
+                         ", ".join(f"{c} {v:.3f}" for c, v in zip(p.class_names, p.probs))))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _melanoma(args: argparse.Namespace, client: LesionClient, out: TextIO) -> None:
+    with client:
+        results = client.melanoma(args.images, head=args.head, model_name=args.model)
+    if args.json:
+        json.dump([{"image": image, **r.to_dict()} for image, r in zip(args.images, results)], out, indent=2)
+        out.write("\n")
+    else:
+        out.write(format_melanoma(args.images, results) + "\n")
+    if args.overlay:
+        written = write_pngs(args.images, [lambda r=r, i=i: r.overlay(i) for r, i in zip(results, args.images)],
+                             ["attention"] * len(results), args.overlay)
+        print(f"{len(written)} overlay(s) in {args.overlay}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the process exit status."""
     parser = build_parser()
@@ -253,14 +297,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         client = LesionClient(
             args.url, model_name=args.model, timeout=args.timeout, retries=args.retries,
-            ssl=args.ssl, root_certificates=args.root_certificates,
+            ssl=args.ssl, root_certificates=args.root_certificates, api_key_file=args.api_key_file,
         )
-    except (OSError, ValueError) as exc:  # an unusable CA file: the message names it, never its content
+    except (OSError, ValueError) as exc:  # an unusable CA or key file: the message names it, never its content
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        {"classify": _classify, "segment": _segment, "detect": _detect}[args.command](args, client, sys.stdout)
-    except ValueError as exc:  # NMS parameters out of range: checked before anything is sent
+        {"classify": _classify, "segment": _segment, "detect": _detect, "melanoma": _melanoma}[args.command](args, client, sys.stdout)
+    except ValueError as exc:  # NMS parameters out of range, an unknown head: checked before anything is sent
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except LesionServeError as exc:

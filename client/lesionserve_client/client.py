@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, Sequence, TypeVar, Union, overload, Literal
+from typing import Any, Callable, Optional, Sequence, Union, overload, Literal
 
 import numpy as np
 from tritonclient.grpc import (
@@ -20,10 +20,14 @@ from tritonclient.grpc import (
 from tritonclient.utils import InferenceServerException
 
 from .config import ModelInfo, parse_model_config
+from .credentials import ApiKey, PathLike, resolve_api_key
 from .encoding import ImageInput, to_image_bytes
-from .errors import ImageError, InvalidImageError, ServerError, ServerUnavailableError, UndecodableImageError, map_server_error
-from .results import (CROP_OUTPUTS, DETECT_OUTPUTS, OUTPUT_NAMES, SEGMENT_OUTPUTS, DetectionResult, LesionResult,
-                      SegmentationResult, parse_detections, parse_response, parse_segmentation, with_crops)
+from .errors import (ImageError, InvalidImageError, RequestTimeoutError, ServerError, ServerUnavailableError,
+                     UndecodableImageError, map_server_error)
+from .replicas import DEFAULT_PROBE_INTERVAL, ReplicaSet
+from .results import (CROP_OUTPUTS, DETECT_OUTPUTS, MELANOMA_HEAD_OUTPUTS, MELANOMA_OUTPUTS, OUTPUT_NAMES, SEGMENT_OUTPUTS,
+                      DetectionResult, LesionResult, MelanomaResult, SegmentationResult, melanoma_heads, parse_detections,
+                      parse_melanoma, parse_response, parse_segmentation, with_crops)
 
 #: Explanation methods the ``<model>_explain`` ensemble serves (lesionserve.explain.CAM_METHODS).
 EXPLAIN_METHODS: tuple[str, ...] = ("gradcam", "gradcampp")
@@ -36,6 +40,8 @@ SEGMENT_MODEL = "lesion_segment"
 CROP_MODEL = "lesion_crop"
 #: The detector (lesionserve.detection.spec.LESION_DETECT) and its NMS defaults (ultralytics predict's).
 DETECT_MODEL = "lesion_detect"
+#: The ViT melanoma pipeline (a head per dataset, attention maps).
+MELANOMA_MODEL = "melanoma_vit"
 DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, MAX_MAX_DET = 0.25, 0.7, 300, 1000
 DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF = 0.5
@@ -45,8 +51,6 @@ DEFAULT_MAX_BACKOFF = 4.0
 MAX_RECONNECT_BACKOFF_MS = 1000
 
 logger = logging.getLogger("lesionserve_client")
-
-_T = TypeVar("_T")
 
 
 def check_root_certificates(path: Union[str, "os.PathLike[str]"]) -> str:
@@ -95,6 +99,22 @@ def validate_url(url: str) -> str:
     return url
 
 
+def validate_urls(url: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """One endpoint (``host:port``) or several (a sequence, or one string of comma-separated
+    ``host:port``), each checked by validate_url; the same endpoint twice is an error."""
+    urls = [part.strip() for part in url.split(",")] if isinstance(url, str) else list(url)
+    if not urls:
+        raise ValueError(f"url must name at least one endpoint (host:port, e.g. {DEFAULT_URL})")
+    for each in urls:
+        if not isinstance(each, str):
+            raise TypeError(f"each url must be a str host:port, got {type(each).__name__}")
+        validate_url(each)
+    twice = sorted({u for u in urls if urls.count(u) > 1})
+    if twice:
+        raise ValueError(f"url lists {', '.join(twice)} more than once; give each replica once")
+    return tuple(urls)
+
+
 class LesionClient:
     """Client for the ``lesion_ensemble`` model.
 
@@ -109,6 +129,19 @@ class LesionClient:
     (timeouts, bad images and server errors are raised at once). Inference has no side effect on
     the server, so a retried request is safe. ``ssl=True`` speaks TLS; ``root_certificates``
     is then the PEM file of the CA to trust (default: the system's).
+
+    ``url`` may name several replicas serving the same model repository (a sequence of
+    ``host:port``, or one comma-separated string). Each request goes to the up replica with the
+    fewest requests in flight (ties: round robin). A replica that fails with UNAVAILABLE is marked
+    down and probed every ``probe_interval`` seconds until it is ready again; the failed request
+    is retried at once on another replica (up ones first; a retry, counted against ``retries``), and
+    only when every replica has failed it since the last wait does the client wait ``backoff``. A request is retried only
+    when it got no answer: one that was answered, even with an error, is never sent again.
+
+    ``api_key`` (or ``api_key_file``, else ``$LESIONSERVE_API_KEY``): the credential a server
+    started with one requires (``lesionserve serve --api-key-file``), sent with every request as
+    header ``lesionserve-key``; a refusal raises CredentialError, never retried. The key is never
+    logged or shown (repr names where it came from).
     """
 
     #: How retries wait; unit tests replace it to run without waiting.
@@ -127,6 +160,9 @@ class LesionClient:
         retries: int = DEFAULT_RETRIES,
         backoff: float = DEFAULT_BACKOFF,
         max_backoff: float = DEFAULT_MAX_BACKOFF,
+        api_key: Union[str, ApiKey, None] = None,
+        api_key_file: Optional[PathLike] = None,
+        probe_interval: float = DEFAULT_PROBE_INTERVAL,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
@@ -140,7 +176,15 @@ class LesionClient:
             raise ValueError(f"backoff must be > 0 and max_backoff >= backoff, got {backoff!r} and {max_backoff!r}")
         if root_certificates is not None and not ssl:
             raise ValueError("root_certificates is only used over TLS: pass ssl=True as well")
-        self.url = validate_url(url)
+        self.urls = validate_urls(url)
+        #: The endpoints as one string, for messages.
+        self.url = ",".join(self.urls)
+        self.api_key = resolve_api_key(api_key, api_key_file)
+        if verbose and self.api_key is not None:
+            raise ValueError("verbose=True makes tritonclient print every request's headers, the API key among "
+                             "them: drop verbose, or the key")
+        # Passed only when there is a key: the header is the whole of what the key changes.
+        self._headers = {"headers": self.api_key.grpc_headers()} if self.api_key is not None else {}
         self.model_name = model_name
         self.timeout = float(timeout)
         self.max_workers = max_workers
@@ -150,9 +194,9 @@ class LesionClient:
         self.retries = retries
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
-        self._client = InferenceServerClient(
-            url=url, verbose=verbose, ssl=self.ssl, root_certificates=self.root_certificates, channel_args=channel_args()
-        )
+        self._replicas = ReplicaSet(self.urls, lambda each: InferenceServerClient(
+            url=each, verbose=verbose, ssl=self.ssl, root_certificates=self.root_certificates, channel_args=channel_args()
+        ), probe_interval=probe_interval)
         self._infos: dict[str, ModelInfo] = {}
         self._configs: dict[str, dict] = {}
         self._executor: Optional[ThreadPoolExecutor] = None
@@ -162,8 +206,22 @@ class LesionClient:
     def __repr__(self) -> str:
         # Paths and settings only: never certificate or key contents.
         tls = f", ssl=True, root_certificates={self.root_certificates!r}" if self.ssl else ""
+        key = f", api_key={self.api_key!r}" if self.api_key is not None else ""
         return (f"LesionClient(url={self.url!r}, model_name={self.model_name!r}, timeout={self.timeout:g}, "
-                f"retries={self.retries}{tls})")
+                f"retries={self.retries}{tls}{key})")
+
+    @property
+    def _client(self) -> InferenceServerClient:
+        """The first replica's tritonclient (the only one, for a single url)."""
+        return self._replicas.replicas[0].client
+
+    def replica_counts(self) -> dict[str, int]:
+        """Calls each replica has answered so far, by url (in the order given)."""
+        return self._replicas.counts()
+
+    def down_replicas(self) -> list[str]:
+        """Urls of the replicas marked down now (failed with UNAVAILABLE, not yet found ready again)."""
+        return self._replicas.down()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -182,7 +240,7 @@ class LesionClient:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-        self._client.close()
+        self._replicas.close()
 
     # -- model metadata --------------------------------------------------------------------
 
@@ -194,7 +252,7 @@ class LesionClient:
     def _model_info(self, model: str) -> ModelInfo:
         with self._lock:
             if model not in self._infos:
-                config = self._call(self._client.get_model_config, model, as_json=True)
+                config = self._call("get_model_config", model, as_json=True)
                 self._infos[model] = parse_model_config(config, model)
             return self._infos[model]
 
@@ -349,7 +407,7 @@ class LesionClient:
                 extra.set_data_from_numpy(np.array([[value.encode()]] * len(items), dtype=np.object_))
                 inputs.append(extra)
         response = self._call(
-            self._client.infer, model, inputs=inputs, outputs=[InferRequestedOutput(name) for name in outputs],
+            "infer", model, inputs=inputs, outputs=[InferRequestedOutput(name) for name in outputs],
         )
         rows = parse_response(response, info, [index for index, _ in items])
         if explain is not None:
@@ -410,6 +468,23 @@ class LesionClient:
         return self._per_image(images, partial, "detect", model, outputs,
                                lambda response, indices, config: parse_detections(response, indices, config, explain), extra)
 
+    def melanoma(self, images: Sequence[ImageInput], partial: bool = False, *, head: Optional[str] = None,
+                 model_name: str = MELANOMA_MODEL) -> list[Union[MelanomaResult, ImageError]]:
+        """The ViT melanoma classifier's answer for each image: a MelanomaResult per image, in input
+        order, whose ``prediction`` is the head named ``head`` (one per dataset the server's model was
+        trained on, e.g. ``ham10000``: melanoma vs rest, ``ph2``: common / atypical nevus / melanoma;
+        None: every head, ``prediction`` the first), with the decision at that head's calibrated
+        threshold and the attention map at the image's size. An unknown head raises ValueError naming
+        the server's heads before anything is sent; bad images behave as in ``classify``."""
+        config = self._model_config(model_name)
+        served = list(melanoma_heads(config))
+        if head is not None and head not in served:
+            raise ValueError(f"unknown head {head!r}; {model_name} serves heads: {', '.join(served)}")
+        heads = served if head is None else [head]
+        outputs = [f"{what}_{h}" for h in heads for what in MELANOMA_HEAD_OUTPUTS] + list(MELANOMA_OUTPUTS)
+        return self._per_image(images, partial, "melanoma", model_name, outputs,
+                               lambda response, indices, cfg: parse_melanoma(response, indices, cfg, heads, heads[0]))
+
     def _per_image(self, images: Sequence[ImageInput], partial: bool, method: str, model_name: str,
                    outputs: Sequence[str], parse: Callable[..., list], extra: Optional[Callable[[int], list]] = None) -> list:
         """Send ``images`` to ``model_name`` in requests of up to its max_batch_size; one parsed row per image."""
@@ -422,7 +497,7 @@ class LesionClient:
             chunk = items[start:start + size]
             tensor = InferInput(INPUT_NAME, [len(chunk), 1], "BYTES")
             tensor.set_data_from_numpy(np.array([[blob] for _, blob in chunk], dtype=np.object_))
-            response = self._call(self._client.infer, model_name, inputs=[tensor, *(extra(len(chunk)) if extra else [])],
+            response = self._call("infer", model_name, inputs=[tensor, *(extra(len(chunk)) if extra else [])],
                                   outputs=[InferRequestedOutput(name) for name in outputs])
             for (index, _), row in zip(chunk, parse(response, [i for i, _ in chunk], config)):
                 if isinstance(row, UndecodableImageError) and not partial:
@@ -434,7 +509,7 @@ class LesionClient:
         """A model's config as JSON (fetched once per model name)."""
         with self._lock:
             if model_name not in self._configs:
-                config = self._call(self._client.get_model_config, model_name, as_json=True)
+                config = self._call("get_model_config", model_name, as_json=True)
                 self._configs[model_name] = config.get("config", config)
             return self._configs[model_name]
 
@@ -442,30 +517,53 @@ class LesionClient:
         """Seconds waited before each retry: ``backoff`` doubling up to ``max_backoff``."""
         return [min(self.backoff * 2**attempt, self.max_backoff) for attempt in range(self.retries)]
 
-    def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """Run a tritonclient call within ``timeout`` (retries included), translating its exceptions
-        in one place and retrying ServerUnavailableError with backoff."""
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run tritonclient's ``method`` on a replica within ``timeout`` (retries included), translating
+        its exceptions in one place. ServerUnavailableError (no answer) is retried: at once on a
+        replica this call has not tried since its last wait (up ones first), else after the next backoff."""
         start = time.monotonic()
         deadline = start + self.timeout
         delays = self.backoff_delays()
-        attempt = 0
+        key_source = self.api_key.source if self.api_key is not None else None
+        waits, attempt, tried, everywhere = 0, 0, [], []
+        replica = self._replicas.acquire()
         while True:
             attempt += 1
+            answered = unavailable = False
             try:
-                return fn(*args, client_timeout=max(deadline - time.monotonic(), 0.001), **kwargs)
+                result = getattr(replica.client, method)(
+                    *args, client_timeout=max(deadline - time.monotonic(), 0.001), **self._headers, **kwargs)
+                answered = True
+                return result
             except InferenceServerException as exc:
-                error = map_server_error(exc, url=self.url, timeout=self.timeout)
-                if not isinstance(error, ServerUnavailableError):
+                cause = exc  # ``exc`` is unbound after this block; the error raised below chains to it
+                error = map_server_error(exc, url=replica.url, timeout=self.timeout, key_source=key_source)
+                unavailable = isinstance(error, ServerUnavailableError)
+                # A timeout is neither: the request may still run there, so it is not sent again either.
+                answered = not unavailable and not isinstance(error, RequestTimeoutError)
+                if not unavailable:
                     raise error from exc
-                delay = delays[attempt - 1] if attempt <= len(delays) else None
-                left = deadline - time.monotonic()
-                # A retry needs time to wait and then to be answered: never start one the timeout cuts off.
-                if delay is None or delay >= left:
-                    if attempt > 1:
-                        error = ServerUnavailableError(
-                            f"{error} (gave up after {attempt} attempts in {time.monotonic() - start:.1f}s; "
-                            f"retries={self.retries}, timeout={self.timeout:g}s)"
-                        )
-                    raise error from exc
-                logger.warning("%s; retry %d of %d in %.2fs", error, attempt, self.retries, delay)
-                self._sleep(delay)
+            finally:
+                self._replicas.release(replica, answered=answered, unavailable=unavailable)
+            tried.append(replica)
+            everywhere.append(replica.url)
+            left = deadline - time.monotonic()
+            following = self._replicas.acquire(exclude=tried) if attempt <= self.retries and left > 0 else None
+            if following is not None:
+                logger.warning("%s; retry %d of %d on %s", error, attempt, self.retries, following.url)
+                replica = following
+                continue
+            delay = delays[waits] if attempt <= self.retries else None
+            # A retry needs time to wait and then to be answered: never start one the timeout cuts off.
+            if delay is None or delay >= left:
+                if attempt > 1:
+                    where = f"; replicas tried: {', '.join(dict.fromkeys(everywhere))}" if len(self.urls) > 1 else ""
+                    error = ServerUnavailableError(
+                        f"{error} (gave up after {attempt} attempts in {time.monotonic() - start:.1f}s; "
+                        f"retries={self.retries}, timeout={self.timeout:g}s{where})"
+                    )
+                raise error from cause
+            logger.warning("%s; retry %d of %d in %.2fs", error, attempt, self.retries, delay)
+            self._sleep(delay)
+            waits, tried = waits + 1, []
+            replica = self._replicas.acquire()

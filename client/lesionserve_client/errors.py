@@ -5,6 +5,8 @@ from typing import Optional, Union
 
 from tritonclient.utils import InferenceServerException
 
+from .credentials import API_KEY_ENV
+
 
 class LesionServeError(Exception):
     """Base class of every error this client raises on purpose."""
@@ -12,6 +14,14 @@ class LesionServeError(Exception):
 
 class ServerUnavailableError(LesionServeError):
     """The server could not be reached (connection refused, DNS failure, gRPC UNAVAILABLE)."""
+
+
+class CredentialError(LesionServeError):
+    """The server refused the request's credential: no API key was sent, or not the server's.
+
+    Never retried (another attempt would carry the same key). The message names the header the
+    server expects and where the client's key came from, never the key.
+    """
 
 
 class RequestTimeoutError(LesionServeError):
@@ -59,17 +69,28 @@ class UndecodableImageError(LesionServeError):
         super().__init__(f"server could not decode images[{index}]: {reason}")
 
 
-def map_server_error(exc: InferenceServerException, *, url: str, timeout: float) -> LesionServeError:
+#: How Triton words a request refused by ``--grpc-restricted-protocol`` (sent with status UNAVAILABLE).
+RESTRICTED_MARKER = "This protocol is restricted, expecting header"
+
+
+def map_server_error(exc: InferenceServerException, *, url: str, timeout: float,
+                     key_source: Optional[str] = None) -> LesionServeError:
     """Translate a tritonclient exception into this package's hierarchy.
 
     A bad image never arrives here: the server answers it in the response's ``error`` output
-    (results.parse_response), so no message text is parsed for one.
+    (results.parse_response), so no message text is parsed for one. ``key_source``: where the API
+    key the request carried came from (None: it carried none), for a refused credential's message.
     """
     status = exc.status() or ""
     message = exc.message() or str(exc)
     lowered = message.lower()
 
-    # Status codes first; message text only as a fallback for errors raised without one.
+    # Before UNAVAILABLE: Triton refuses a missing or wrong credential with that status, and a
+    # refusal must be reported as such, not retried as if the server were down.
+    if RESTRICTED_MARKER in message:
+        sent = (f"the API key sent (from {key_source}) is not the server's" if key_source else
+                f"no API key was sent: set {API_KEY_ENV} or pass api_key_file (--api-key-file)")
+        return CredentialError(f"LesionServe server at {url} refused the request: {message}; {sent}")
     if status == "StatusCode.UNAVAILABLE" or (
         not status and ("connection refused" in lowered or "failed to connect" in lowered)
     ):

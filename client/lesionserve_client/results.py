@@ -280,3 +280,86 @@ def _parameter(config: dict, key: str) -> str:
         return config["parameters"][key]["string_value"]
     except KeyError:
         raise ServerError(f"model config of {config.get('name')!r} has no parameter {key!r}") from None
+
+
+#: Per-head outputs of the melanoma ensemble (melanoma_vit), each ``<what>_<head>``.
+MELANOMA_HEAD_OUTPUTS: tuple[str, ...] = ("probs", "label", "melanoma", "threshold")
+#: Its per-image outputs.
+MELANOMA_OUTPUTS: tuple[str, ...] = ("attention", "image_size", ERROR_OUTPUT)
+
+
+@dataclass(frozen=True)
+class HeadPrediction:
+    """One head's answer for one image: probabilities over its classes, the label (the melanoma
+    class when P(melanoma) >= the head's calibrated ``threshold``, else the likeliest other class)."""
+
+    head: str
+    class_names: tuple[str, ...]
+    probs: tuple[float, ...]
+    label: str
+    melanoma: bool
+    threshold: float
+
+    @property
+    def p_melanoma(self) -> float:
+        return self.probs[self.class_names.index("melanoma" if "melanoma" in self.class_names else "MEL")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"head": self.head, "label": self.label, "melanoma": self.melanoma, "threshold": self.threshold,
+                "probs": dict(zip(self.class_names, self.probs))}
+
+
+@dataclass(frozen=True)
+class MelanomaResult:
+    """The ViT's answer for one image: ``prediction`` of the head asked for, ``heads`` every head
+    answered, ``attention`` the map (H x W float32 in [0, 1] at the image's size; ``map_kind``
+    rollout or cls) of where the network attended."""
+
+    prediction: HeadPrediction
+    heads: dict[str, HeadPrediction] = field(compare=False)
+    attention: np.ndarray = field(compare=False, repr=False)
+    map_kind: str = "rollout"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.prediction.to_dict(), "heads": {k: v.to_dict() for k, v in self.heads.items()},
+                "attention_map": self.map_kind, "attention_shape": list(self.attention.shape)}
+
+    def overlay(self, image: Any) -> np.ndarray:
+        """The image with the attention map blended in (jet) and the head's label: HxWx3 uint8 RGB. Needs Pillow."""
+        from .overlay import draw_overlay
+
+        p = self.prediction
+        return draw_overlay(image, self.attention, f"{p.head}: {p.label} (P(melanoma) {p.p_melanoma:.2f}, "
+                                                   f"threshold {p.threshold:.2f}; attention {self.map_kind})")
+
+
+def melanoma_heads(config: dict) -> dict[str, tuple[str, ...]]:
+    """Head name -> class names, from the melanoma ensemble's config parameters."""
+    return {h: tuple(_parameter(config, f"class_names_{h}").split(",")) for h in _parameter(config, "heads").split(",")}
+
+
+def parse_melanoma(result: InferResult, indices: Sequence[int], config: dict,
+                   heads: Sequence[str], chosen: str) -> list[Union[MelanomaResult, UndecodableImageError]]:
+    """One MelanomaResult (or UndecodableImageError) per row of a melanoma_vit response."""
+    count = len(indices)
+    classes = melanoma_heads(config)
+    maps = result.as_numpy("attention")
+    if maps is None or maps.ndim != 3 or len(maps) != count:
+        raise ServerError(f"melanoma response has no attention map per image (got {None if maps is None else maps.shape})")
+    sizes = _output(result, "image_size", (count, 2))
+    errors = _output(result, ERROR_OUTPUT, (count, 1))
+    per = {h: {"probs": _output(result, f"probs_{h}", (count, len(classes[h]))),
+               "label": _output(result, f"label_{h}", (count, 1)),
+               "melanoma": _output(result, f"melanoma_{h}", (count, 1)).astype(bool),
+               "threshold": _output(result, f"threshold_{h}", (count, 1))} for h in heads}
+    out: list[Union[MelanomaResult, UndecodableImageError]] = []
+    for row, index in enumerate(indices):
+        error = _text(errors[row, 0])
+        if error:
+            out.append(UndecodableImageError(index, error))
+            continue
+        answers = {h: HeadPrediction(h, classes[h], tuple(_to_float(v) for v in per[h]["probs"][row]), _text(per[h]["label"][row, 0]),
+                                     bool(per[h]["melanoma"][row, 0]), _to_float(per[h]["threshold"][row, 0])) for h in heads}
+        width, height = (int(v) for v in sizes[row])
+        out.append(MelanomaResult(answers[chosen], answers, maps[row, :height, :width], _parameter(config, "map")))
+    return out

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from lesionserve.benchmarks import harness, perf_analyzer, scaling, tuning
+from lesionserve.benchmarks import harness, perf_analyzer, replicas, scaling, tuning
 from lesionserve.benchmarks.common import load_images
 from lesionserve.server import PROJECT_ROOT
 
@@ -115,3 +115,12 @@ def test_melanoma_benchmark_measures_served_pytorch_and_onnxrt_side_by_side(tmp_
     report = json.loads((tmp_path / "melanoma.json").read_text())
     assert set(report["medians"]) == {"served", "pytorch", "pytorch_no_maps", "onnxrt"} and report["network"]["input_size"] == 32
     assert all(v["images_per_s"] > 0 for v in report["medians"].values())
+
+
+def test_replicas_measures_one_and_two_local_replicas(small_artifacts, tmp_path):
+    argv = ["--replicas", "1", "2", "--requests", "2", "--latency-requests", "1", "--rounds", "1", "--concurrency", "2",
+            "--artifacts", str(small_artifacts), "--out", str(tmp_path), *TINY_IMAGES]
+    assert replicas.main(argv) == 0
+    report = json.loads((tmp_path / "replicas.json").read_text())
+    assert set(report["settings"]) == {"1", "2"} and all(r["images_per_s"] > 0 for r in report["settings"].values())
+    assert "| 2 |" in (tmp_path / "replicas.md").read_text()
