@@ -5,13 +5,16 @@
 1. generate a synthetic ISIC-layout dataset (600x450 JPEGs),
 2. train ResNet50@224, DenseNet121@224 and EfficientNet-B3@300 briefly (from scratch), the U-Net
    lesion segmenter on the lesions' own masks, the same three on the lesions' crops (as the
-   segmenter finds them), and a YOLO11n detector on the lesions' mask boxes (offline),
-3. calibrate fusion weights and MEL/AKIEC thresholds on the validation split,
-4. export each backbone and the segmenter to ONNX (each checked against PyTorch),
-5. assemble one repository serving the four pipelines and start tritonserver on free loopback ports,
+   segmenter finds them), a YOLO11n detector on the lesions' mask boxes (offline), and a DeiT-Tiny
+   with a melanoma head and a PH2-style head under the gradual unfreezing schedule,
+3. calibrate fusion weights and MEL/AKIEC thresholds on the validation split, and the ViT heads'
+   operating thresholds (melanoma sensitivity 0.9 on validation),
+4. export each backbone, the segmenter, the detector and the ViT to ONNX (each checked against PyTorch),
+5. assemble one repository serving the five pipelines and start tritonserver on free loopback ports,
 6. classify held-out images through the client SDK, print the table, write Grad-CAM overlays,
    segment them (mask outlines and boxes, scored against their masks), classify their crops and
-   detect their lesions (boxes drawn, the top box scored against the lesion's box),
+   detect their lesions (boxes drawn, the top box scored against the lesion's box) and ask the
+   ViT whether each is a melanoma (every head's decision, attention rollout overlays),
 7. compare with the in-process reference pipelines, then shut the server down.
 """
 from __future__ import annotations
@@ -38,6 +41,11 @@ DEMO_DETECTOR = {"model": "yolo11n.yaml", "imgsz": 128, "batch": 16, "epochs": 3
 #: The demo's detections: a detector trained for a minute from scratch scores low, so the demo shows
 #: each image's five best boxes above 0.05 (the SDK's defaults: conf 0.25, max_det 300).
 DEMO_CONF, DEMO_MAX_DET = 0.05, 5
+#: The demo's ViT: DeiT-Tiny at 112 px (a 7 x 7 attention grid), seed 001's schedule compressed (one
+#: head-only epoch, then 4 pieces per epoch) and its rates x10: it starts from random weights.
+DEMO_VIT = {"timm_name": "deit_tiny_patch16_224", "input_size": 112, "epochs": 6, "batch_size": 16, "head_only_epochs": 1,
+            "unfreeze_per_epoch": 4, "val_fraction": 0.25, "test_fraction": 0.15,
+            "lr": {"heads": 1e-3, "blocks": 1e-4, "norm": 1e-5, "patch_embed": 1e-5, "tokens": 1e-6}}
 
 
 def stage(number: int, text: str) -> None:
@@ -59,7 +67,8 @@ def run_demo(args: argparse.Namespace) -> float:
     from lesionserve.export.onnx_export import export_onnx
     from lesionserve.reference import ReferencePipeline
     from lesionserve_client import LesionClient
-    from lesionserve_client.cli import format_table, write_overlays
+    from lesionserve_client.cli import format_melanoma, format_table, write_overlays, write_pngs
+    from lesionserve.vit.spec import MELANOMA_VIT
     from lesionserve.training.calibrate import calibrate
     from lesionserve.synthetic import generate_dataset
     from lesionserve.training.train import train
@@ -111,12 +120,27 @@ def run_demo(args: argparse.Namespace) -> float:
     weights = train_detector(out / "detector" / "data" / "data.yaml", out / "detector",
                              {**DEMO_DETECTOR, "seed": args.seed, "plots": False})
 
+    stage(2, f"training the ViT melanoma classifier ({DEMO_VIT['timm_name']} @{DEMO_VIT['input_size']}, heads ham10000 and ph2, "
+             f"gradual unfreezing over {DEMO_VIT['epochs']} epochs, from scratch)")
+    from lesionserve.vit.data import write_synthetic_ph2
+    from lesionserve.vit.train import load_recipe, train_vit
+
+    vit_dir = out / "vit"
+    ph2_csv = write_synthetic_ph2(load_dataset(data.root), vit_dir / "ph2_synthetic.csv")  # PH2's diagnoses, synthetic stand-ins
+    vit_checkpoint = train_vit(load_recipe(overrides={**DEMO_VIT, "seed": args.seed}),
+                               {"ham10000": str(data.root), "ph2": str(ph2_csv)}, vit_dir / "run", progress=False)
+
     stage(3, f"calibrating fusion weights and thresholds on validation TTA outputs (T={args.views})")
     calibration = calibrate(out, views=args.views)
     print("  weights: " + ", ".join(f"{k} {v:.3f}" for k, v in calibration.weights.items()))
     print("  thresholds: " + ", ".join(f"{k} {v:.3f} ({calibration.meta['threshold_selection'][k]})" for k, v in calibration.thresholds.items()))
     crop_calibration = calibrate(crop_dir, views=args.views, pipeline=LESION_CROP_CLASSIFIER)
     print("  crop members' weights: " + ", ".join(f"{k} {v:.3f}" for k, v in crop_calibration.weights.items()))
+    from lesionserve.vit.evaluate import evaluate_checkpoint
+
+    vit_metrics = evaluate_checkpoint(vit_checkpoint, vit_dir / "run" / "splits.json", vit_dir / "served", n_boot=200, progress=False)
+    print("  ViT operating thresholds (melanoma sensitivity >= 0.9 on validation): "
+          + ", ".join(f"{h} {m['threshold']:.3f}" for h, m in vit_metrics.items()))
 
     stage(4, "exporting ONNX (each checked against PyTorch)")
     for folder, backbone in [(out, b) for b in pipeline.member_names] + [(crop_dir, b) for b in LESION_CROP_CLASSIFIER.member_names]:
@@ -128,11 +152,17 @@ def run_demo(args: argparse.Namespace) -> float:
 
     r = export_detector(weights, out / "detector" / "model.onnx", imgsz=DEMO_DETECTOR["imgsz"])
     print(f"  detector: max |ORT - PyTorch| on the head outputs {r.max_abs_diff:.2e} (limit {r.atol:.0e})")
+    from lesionserve.vit.export import MAP_ATOL, PROB_ATOL, export_vit
 
-    stage(5, "assembling one repository (classifier, segmenter, crop-guided classifier, detector) and starting tritonserver")
+    r = export_vit(vit_checkpoint, vit_dir / "served" / "model.onnx")
+    print(f"  vit: max |ORT - PyTorch| on probabilities {max(r.prob_diff.values()):.2e} (limit {PROB_ATOL:.0e}), "
+          f"on attention maps {max(r.map_diff.values()):.2e} (limit {MAP_ATOL:.0e})")
+
+    stage(5, "assembling one repository (classifier, segmenter, crop-guided classifier, detector, ViT) and starting tritonserver")
     # The committed repository serves the classifier alone; with the segmenter, a generated copy.
     repository = assemble_pipelines([(pipeline, out), (LESION_SEGMENT, out / "segmenter"),
-                                     (LESION_CROP_CLASSIFIER, crop_dir), (LESION_CROP, None), (LESION_DETECT, out / "detector")],
+                                     (LESION_CROP_CLASSIFIER, crop_dir), (LESION_CROP, None), (LESION_DETECT, out / "detector"),
+                                     (MELANOMA_VIT, vit_dir / "served")],
                                     out=out / "model_repository", views=args.views)
     images = sorted(held_out.images_dir.glob("*.jpg"))
     truth = _truth(held_out.labels_csv)
@@ -172,6 +202,17 @@ def run_demo(args: argparse.Namespace) -> float:
             detected = client.detect([str(p) for p in images], conf=DEMO_CONF, max_det=DEMO_MAX_DET)
             seconds = time.perf_counter() - start
         print("  " + _detected(images, detected, held_out.masks_csv, out / "detect", seconds))
+        with LesionClient(server.grpc_url) as client:  # and the ViT: melanoma or not, by each head
+            start = time.perf_counter()
+            melanoma = client.melanoma([str(p) for p in images])
+            seconds = time.perf_counter() - start
+        print(format_melanoma([f"{p.name} (true {truth[p.stem]})" for p in images], melanoma))
+        maps = write_pngs([str(p) for p in images], [lambda r=r, p=p: r.overlay(str(p)) for r, p in zip(melanoma, images)],
+                          ["attention"] * len(images), str(out / "melanoma"))
+        hits = sum(r.heads["ham10000"].melanoma == (truth[p.stem] == "MEL") for p, r in zip(images, melanoma))
+        print(f"  melanoma_vit in {seconds:.2f}s: head ham10000 says melanoma for "
+              f"{sum(r.heads['ham10000'].melanoma for r in melanoma)}/{len(images)} (correct {hits}/{len(images)}); "
+              f"{len(maps)} attention (rollout) overlays in {out / 'melanoma'}")
     print("  tritonserver stopped")
 
     stage(7, "parity: the same images through the in-process PyTorch reference pipeline")
@@ -200,8 +241,19 @@ def run_demo(args: argparse.Namespace) -> float:
     same_counts = sum(len(got.detections) == len(ref.scores) for got, ref in zip(detected, want_det))
     print(f"  detector: box counts equal {same_counts}/{len(images)}; max |score diff| {det_diff:.2e}, "
           f"max |box coordinate diff| {det_boxes:.2e} px")
+    from lesionserve.vit.reference import MelanomaReference
+
+    want_vit = MelanomaReference.from_checkpoint(vit_checkpoint, vit_dir / "served" / "thresholds.json").classify(
+        [p.read_bytes() for p in images])
+    vit_diff = max(float(np.abs(np.array(p.probs) - want_vit[f"probs_{h}"][i]).max()) for i, r in enumerate(melanoma) for h, p in r.heads.items())
+    map_diff = max(float(np.abs(r.attention - want_vit["attention"][i, :r.attention.shape[0], :r.attention.shape[1]]).max())
+                   for i, r in enumerate(melanoma))
+    vit_same = sum(all(p.label == want_vit[f"label_{h}"][i, 0].decode() for h, p in r.heads.items()) for i, r in enumerate(melanoma))
+    print(f"  melanoma_vit: max |Triton - reference| on probabilities {vit_diff:.2e}, on attention maps {map_diff:.2e}; "
+          f"decisions equal {vit_same}/{len(images)}")
     (out / "demo_summary.json").write_text(json.dumps({"parity_max_abs_diff": diff, "labels_equal": same, "images": len(images),
-                                                       "crop_parity_max_abs_diff": crop_diff}, indent=2))
+                                                       "crop_parity_max_abs_diff": crop_diff, "vit_parity_max_abs_diff": vit_diff,
+                                                       "vit_map_max_abs_diff": map_diff}, indent=2))
     return diff
 
 

@@ -1,6 +1,7 @@
 """From a head's logits to what a clinician reads, the same in the reference and the server:
 softmax probabilities, the decision at the head's operating threshold on P(melanoma), and an
-attention map at the image's own size scaled to [0, 1]."""
+attention map at the image's own size stretched to [0, 1] (least attended patch 0, most 1: rollout
+keeps a large floor from the residual mixing, which divided by its maximum alone paints every pixel hot)."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -29,12 +30,21 @@ def decide(probs: np.ndarray, head: Head, threshold: float) -> tuple[np.ndarray,
 
 
 def map_to_image(grid_map: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A grid x grid attention map resized (bilinear) to height x width and divided by its maximum."""
+    """A grid x grid attention map resized (bilinear) to height x width, then stretched to [0, 1]
+    (a constant map: zeros)."""
     import cv2
 
     m = cv2.resize(np.asarray(grid_map, np.float32), (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
-    top = float(m.max()) if m.size else 0.0
-    return m / top if top > 0 else m
+    return stretch(m[None])[0]
+
+
+def stretch(maps: np.ndarray) -> np.ndarray:
+    """Each N x H x W map minus its minimum, divided by its range (zeros where the map is constant)."""
+    maps = np.asarray(maps, np.float32)
+    flat = maps.reshape(len(maps), -1)
+    low, span = flat.min(axis=1), np.ptp(flat, axis=1)
+    out = (maps - low.reshape(-1, 1, 1)) / np.where(span > 0, span, 1.0).reshape(-1, 1, 1)
+    return np.where(span.reshape(-1, 1, 1) > 0, out, 0.0).astype(np.float32)
 
 
 #: Per-head outputs of the post step (and the ensemble), each named ``<what>_<head>``.

@@ -44,6 +44,7 @@ def test_served_heads_decisions_and_maps_equal_the_reference(server, vit_artifac
     print(f"melanoma_vit: {len(blobs)} images, max |served - reference| probabilities {prob_diff:.2e}, maps {map_diff:.2e}")
     assert prob_diff <= PROB_ATOL and map_diff <= MAP_ATOL
     assert served[0].prediction.head == "ham10000" and 0.99 <= float(served[0].attention.max()) <= 1.0
+    assert float(served[0].attention.min()) <= 0.01
 
 
 def varied_images_size(blob: bytes) -> tuple[int, int]:
