@@ -207,3 +207,21 @@ def test_declared_normalisation_and_size_are_timms_for_the_declared_configuratio
     cfg = timm.create_model(VIT_MODEL.timm_name, pretrained=False).pretrained_cfg
     assert tuple(cfg["mean"]) == DEIT.mean and tuple(cfg["std"]) == DEIT.std
     assert tuple(cfg["input_size"]) == (3, VIT_MODEL.input_size, VIT_MODEL.input_size)
+
+
+def test_each_head_reads_its_labels_in_its_own_class_order(tmp_path):
+    from lesionserve.synthetic import generate_dataset
+    from lesionserve.training.data import load_dataset
+    from lesionserve.vit.data import load_head_samples, write_synthetic_ph2
+    from lesionserve.vit.spec import ISIC7_HEAD
+
+    data = generate_dataset(tmp_path / "data", size=(64, 48), seed=4, class_counts={c: 2 for c in CLASS_NAMES}, progress=False)
+    pool = {s.image_id: CLASS_NAMES[s.label] for s in load_dataset(data.root)}
+    ham = load_head_samples(HAM10000_HEAD, data.root)
+    assert all(s.label == int(pool[s.image_id] == "MEL") for s in ham) and sum(s.label for s in ham) == 2
+    assert [CLASS_NAMES[s.label] for s in load_head_samples(ISIC7_HEAD, data.root)] == [pool[s.image_id] for s in ham]
+    ph2 = load_head_samples(PH2_HEAD, write_synthetic_ph2(load_dataset(data.root), tmp_path / "ph2.csv"))
+    assert sorted(PH2_HEAD.class_names[s.label] for s in ph2) == sorted(["melanoma", "common_nevus", "atypical_nevus"] * 2)
+    (tmp_path / "bad.csv").write_text("image,path,diagnosis\nx,data/x.jpg,blue_nevus\n")
+    with pytest.raises(ValueError, match="diagnosis 'blue_nevus' is not one of common_nevus, atypical_nevus, melanoma"):
+        load_head_samples(PH2_HEAD, tmp_path / "bad.csv")
