@@ -6,7 +6,10 @@ the validation split for a target sensitivity; confidence histograms of TP / FP 
         --out runs/vit/gradual/eval [--target-sensitivity 0.9]
 
 Writes metrics.json, metrics.md, confidence_<head>.png and thresholds.json (what ``assemble``
-serves as each head's operating threshold).
+serves as each head's operating threshold). ``--masks HEAD=CSV`` (an ``image,mask_path`` CSV:
+ham10000_masks.csv, ph2_labels.csv) also scores both attention maps against the lesion masks of
+that head's test images: the share of the map's mass inside the lesion and whether its hottest pixel
+is on it, beside a centred Gaussian and a uniform map.
 """
 from __future__ import annotations
 
@@ -111,6 +114,41 @@ def plot_confidences(metrics: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def attention_against_masks(model: Any, samples: Sequence[Any], masks_csv: str | Path, limit: int = 200) -> dict[str, Any]:
+    """Both maps (as served: at the mask's size, stretched to [0, 1]) of the test images that have a
+    mask, scored with training.map_eval against the lesion, beside its two baselines."""
+    import torch
+
+    from lesionserve.preprocessing import decode_image, preprocess_rgb
+    from lesionserve.training.map_eval import mean_scores
+    from lesionserve.training.masks import load_mask_index, read_mask
+    from lesionserve.vit.decision import map_to_image
+    from lesionserve.vit.model import forward_with_attention
+
+    index = load_mask_index(masks_csv)
+    items = [s for s in samples if s.image_id in index][:limit]
+    if not items:
+        return {"images": 0}
+    masks = [read_mask(index[s.image_id]) for s in items]
+    device = next(model.parameters()).device
+    maps: dict[str, list[np.ndarray]] = {"rollout": [], "cls": []}
+    for start in range(0, len(items), 16):
+        chunk = items[start:start + 16]
+        x = np.stack([preprocess_rgb(decode_image(s.path.read_bytes()), model.spec.input_size, model.spec.normalization) for s in chunk])
+        with torch.no_grad():
+            _, grid = forward_with_attention(model, torch.from_numpy(x).to(device))
+        for kind in maps:
+            for g, mask in zip(grid[kind].float().cpu().numpy(), masks[start:start + 16]):
+                maps[kind].append(map_to_image(g, mask.shape[1], mask.shape[0]))
+    area = float(np.mean([m.mean() for m in masks]))
+    out: dict[str, Any] = {"images": len(items), "mean_lesion_area": area}
+    for kind, heat in maps.items():
+        scores = mean_scores(heat, masks, area)
+        out[kind] = scores["maps"]
+        out["gaussian"], out["uniform"] = scores["gaussian"], scores["uniform"]
+    return out
+
+
 def markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
     def ci(m: Mapping[str, Any]) -> str:
         lo, hi = m["ci95"]
@@ -125,12 +163,18 @@ def markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
                      f"{c['TP']}/{c['FP']}/{c['FN']}/{c['TN']} |")
     extra = [f"- {n}: balanced accuracy over its {len(m['classes'])} classes {m['class_balanced_accuracy']:.3f}"
              for n, m in results.items() if "class_balanced_accuracy" in m]
+    for n, m in results.items():
+        a = m.get("attention_vs_masks")
+        if a and a.get("images"):
+            extra.append(f"- {n}: attention against the lesion masks of {a['images']} test images (mass inside / hottest pixel "
+                         "on the lesion): " + ", ".join(f"{k} {a[k]['mass']:.3f} / {a[k]['hit']:.3f}"
+                                                        for k in ("rollout", "cls", "gaussian", "uniform")))
     return "\n".join(lines + [""] + extra) + "\n"
 
 
 def evaluate_checkpoint(checkpoint: str | Path, splits: str | Path, out: str | Path,
                         target: float = DEFAULT_TARGET_SENSITIVITY, n_boot: int = 1000, progress: bool = True,
-                        device: str = "auto") -> dict[str, Any]:
+                        device: str = "auto", masks: Mapping[str, str] | None = None) -> dict[str, Any]:
     from lesionserve.vit.data import read_split_file, resized_pixels
     from lesionserve.vit.decision import softmax
     from lesionserve.vit.model import load_checkpoint
@@ -152,6 +196,8 @@ def evaluate_checkpoint(checkpoint: str | Path, splits: str | Path, out: str | P
             probs[part] = softmax(predict(model, pixels, 32, progress, f"{name} {part}")[name])
             labels[part] = np.array([s.label for s in split[name][part]])
         results[name] = head_metrics(get_head(name), probs["val"], labels["val"], probs["test"], labels["test"], target, n_boot)
+        if masks and name in masks:
+            results[name]["attention_vs_masks"] = attention_against_masks(model, split[name]["test"], masks[name])
         plot_confidences(results[name], out / f"confidence_{name}.png")
     (out / THRESHOLDS_FILE).write_text(json.dumps({"thresholds": {n: m["threshold"] for n, m in results.items()},
                                                    "target_sensitivity": target, "chosen_on": "val",
@@ -170,6 +216,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json/.md, PNGs, thresholds.json")
     parser.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY,
                         help=f"melanoma sensitivity the threshold is chosen for on validation (default {DEFAULT_TARGET_SENSITIVITY})")
+    parser.add_argument("--masks", action="append", default=[], metavar="HEAD=CSV",
+                        help="score the attention maps of HEAD's test images against lesion masks (image,mask_path CSV)")
     parser.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true")
@@ -179,8 +227,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
+        masks = dict(item.split("=", 1) for item in args.masks if "=" in item)
+        if len(masks) != len(args.masks):
+            raise ValueError(f"--masks takes HEAD=CSV, got {args.masks}")
         evaluate_checkpoint(args.checkpoint, args.splits, args.out, args.target_sensitivity, args.boot, not args.no_progress,
-                            args.device)
+                            args.device, masks)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,9 +3,11 @@
 # DeiT-Tiny/16 at 224 px, heads ham10000 (melanoma vs rest) and ph2 (3 diagnoses), lesion-grouped
 # splits (val 20%, test 25%), 1,500 HAM10000 training images per epoch, 6 epochs (planned 8; cut to
 # 6 when the 2 shared cores made an epoch take ~9 min: the gradual run resumed from its epoch-3
-# state), the unfreezing schedule compressed (1 head-only epoch, then 6 pieces per epoch), seed 001's learning rates x10
-# (they were set for a pretrained backbone; this one starts random). Then the same split, budget
-# and rates all at once. Resumable. Results: training/results/vit_cpu/.
+# state), the unfreezing schedule compressed (1 head-only epoch, then 6 pieces per epoch), seed
+# 001's learning rates x10 (they were set for a pretrained backbone; this one starts random). Then
+# the same split, budget and rates all at once. Each evaluated on its test split (threshold from
+# validation), attention maps scored against the lesion masks. Resumable.
+# Results: training/results/vit_cpu/.
 # Usage: training/experiments/vit_cpu.sh [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,6 +33,6 @@ echo TRAINING DONE
 for schedule in gradual all_at_once; do
   run="$OUT/$schedule"
   [ -f "$run/eval/metrics.json" ] || $PY -m lesionserve vit-evaluate --checkpoint "$run/checkpoint.pt" --splits "$run/splits.json" \
-    --out "$run/eval" --no-progress
+    --masks "ham10000=$D/ham10000_masks.csv" --masks "ph2=$D/ph2_labels.csv" --out "$run/eval" --no-progress
 done
 echo ALL DONE
