@@ -180,6 +180,14 @@ def test_training_records_groups_and_rates_resumes_and_exports_checked(tmp_path)
     names = [o.name for o in onnx.load(str(tmp_path / "served" / "model.onnx")).graph.output]
     assert names == ["logits_ham10000", "logits_ph2", "attention_rollout", "attention_cls"]
     assert json.loads((tmp_path / "served" / "model.export.json").read_text())["model"]["input_size"] == 32
+    from lesionserve.vit.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(checkpoint, tmp_path / "run" / "splits.json", tmp_path / "eval", n_boot=20, progress=False,
+                                  masks={"ham10000": str(data.masks_csv)})
+    against = metrics["ham10000"]["attention_vs_masks"]
+    assert against["images"] == len(read_split_file(tmp_path / "run" / "splits.json")["ham10000"]["test"])
+    assert all(0.0 <= against[k]["mass"] <= 1.0 for k in ("rollout", "cls", "gaussian", "uniform"))
+    assert (tmp_path / "eval" / "confidence_ph2.png").stat().st_size > 0 and "attention against" in (tmp_path / "eval" / "metrics.md").read_text()
 
 
 def test_generated_repository_parses_and_routes_the_declared_heads_and_map():
