@@ -126,7 +126,10 @@ def run_demo(args: argparse.Namespace) -> float:
     from lesionserve.vit.train import load_recipe, train_vit
 
     vit_dir = out / "vit"
-    ph2_csv = write_synthetic_ph2(load_dataset(data.root), vit_dir / "ph2_synthetic.csv")  # PH2's diagnoses, synthetic stand-ins
+    # PH2's diagnoses, synthetic stand-ins rendered apart: shared images would leak through the shared backbone.
+    ph2_data = generate_dataset(out / "ph2_data", class_counts={"MEL": 20, "NV": 20, "BKL": 20}, seed=args.seed + 2000,
+                                overwrite=True, progress=False)
+    ph2_csv = write_synthetic_ph2(load_dataset(ph2_data.root), vit_dir / "ph2_synthetic.csv")
     vit_checkpoint = train_vit(load_recipe(overrides={**DEMO_VIT, "seed": args.seed}),
                                {"ham10000": str(data.root), "ph2": str(ph2_csv)}, vit_dir / "run", progress=False)
 

@@ -752,7 +752,7 @@ def render_melanoma(p: "MelanomaPipeline") -> dict[str, str]:
             return ("# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py).\n"
                     f"# GPU variant: configs/{','.join(VIT_GPU_VARIANTS)}.pbtxt, selected with --model-config-name=NAME.\n"
                     + identity + f'name: "{backbone}"\nbackend: "python"\nmax_batch_size: {p.max_batch_size}\n' + io
-                    + _cpu_ort_params() + _instances(None))
+                    + _cpu_ort_params() + _param("export_hint", "export it with lesionserve vit-export") + _instances(None))
         shapes = {k: f"{VIT_INPUT}:{n}x3x{s}x{s}" for k, n in (("min", 1), ("opt", p.max_batch_size), ("max", p.max_batch_size))}
         return ("# Variant gpu_ort: Triton's onnxruntime backend on 1/model.onnx with the TensorRT execution provider in FP16.\n"
                 + identity + f'name: "{backbone}"\nbackend: "onnxruntime"\ndefault_model_filename: "model.onnx"\n'

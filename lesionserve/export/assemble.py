@@ -190,11 +190,17 @@ def served_pipeline(pipeline: EnsemblePipeline, artifacts: Path, views: int | No
     if isinstance(pipeline, MelanomaPipeline):
         from lesionserve.vit.reference import load_thresholds
 
-        model = ViTModel.from_dict(json.loads((artifacts / "model.export.json").read_text())["model"])
+        exported = json.loads((artifacts / "model.export.json").read_text())
+        model = ViTModel.from_dict(exported["model"])
         try:
             load_thresholds(artifacts / "thresholds.json", model.heads)
         except ValueError as exc:
             raise AssembleError(str(exc)) from None
+        calibrated = json.loads((artifacts / "thresholds.json").read_text()).get("checkpoint_sha256")
+        if calibrated and exported.get("checkpoint_sha256") and calibrated != exported["checkpoint_sha256"]:
+            # Thresholds chosen on another model's validation scores would not give its sensitivity.
+            raise AssembleError(f"{artifacts / 'thresholds.json'} was chosen for another checkpoint than {artifacts / 'model.onnx'} "
+                                "was exported from: run vit-evaluate and vit-export on the same checkpoint.pt")
         return pipeline.with_model(model)
     if isinstance(pipeline, SegmentationPipeline):
         return pipeline.with_input_size(segmenter_input_size(artifacts / "model.onnx", pipeline))

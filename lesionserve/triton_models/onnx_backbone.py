@@ -30,9 +30,8 @@ class TritonPythonModel:
                                                 "export it again (python -m export.onnx_export)") from None
         missing = sorted(set(self.outputs) - set(self.graph_outputs))
         if missing:
-            raise pb_utils.TritonModelException(
-                f"model {config['name']!r}: {path} has no output {', '.join(missing)} (export it with explanations: "
-                f"python -m export.onnx_export --explain)")
+            hint = parameter(config, "export_hint", "export it with explanations: python -m export.onnx_export --explain")
+            raise pb_utils.TritonModelException(f"model {config['name']!r}: {path} has no output {', '.join(missing)} ({hint})")
         # Classification runs the graph pruned to its first output (logits), so it pays nothing for
         # the maps; the whole graph is loaded when a request first asks for more (explanations).
         self.logits_session = self.open(self.outputs[:1])

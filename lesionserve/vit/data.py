@@ -29,7 +29,9 @@ SPLITS = ("train", "val", "test")
 
 
 def load_ph2_diagnoses(csv_path: str | Path, head: Head) -> list[Sample]:
-    """PH2 rows as Samples labelled by index into ``head.class_names`` (from column ``diagnosis``)."""
+    """PH2 rows as Samples labelled by index into ``head.class_names`` (from column ``diagnosis``).
+    An optional ``lesion_id`` column groups photographs of one lesion (PH2 has one per lesion:
+    without the column each image is its own group)."""
     csv_path = Path(csv_path)
     with csv_path.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -46,7 +48,7 @@ def load_ph2_diagnoses(csv_path: str | Path, head: Head) -> list[Sample]:
         path = (csv_path.parent / row["path"]).resolve()
         if not path.is_file():
             missing.append(str(path))
-        out.append(Sample(path, head.class_names.index(row["diagnosis"]), None))
+        out.append(Sample(path, head.class_names.index(row["diagnosis"]), row.get("lesion_id") or None))
     if missing:
         raise DatasetError(f"{csv_path}: {len(missing)} image(s) missing, e.g. {', '.join(missing[:3])}")
     if not out:
@@ -89,6 +91,23 @@ def read_split_file(path: Path) -> dict[str, dict[str, list[Sample]]]:
     data = json.loads(Path(path).read_text())
     return {head: {name: [Sample(Path(p), int(label), lesion) for p, label, lesion in rows] for name, rows in per.items()}
             for head, per in data.items()}
+
+
+def cross_head_leaks(splits: Mapping[str, Mapping[str, Sequence[Sample]]]) -> list[str]:
+    """Images that one head trains on and another validates or tests on (the backbone is shared, so
+    that would leak): ``"<image> (train of A, test of B)"``, by resolved path."""
+    trained: dict[Path, str] = {}
+    for head, per in splits.items():
+        for s in per.get("train", ()):
+            trained.setdefault(Path(s.path).resolve(), head)
+    leaks = []
+    for head, per in splits.items():
+        for name in ("val", "test"):
+            for s in per.get(name, ()):
+                other = trained.get(Path(s.path).resolve())
+                if other is not None and other != head:
+                    leaks.append(f"{s.image_id} (train of {other}, {name} of {head})")
+    return sorted(leaks)
 
 
 def lesion_overlap(splits: Mapping[str, Sequence[Sample]]) -> list[str]:
@@ -139,19 +158,21 @@ def load_head_data(splits: Mapping[str, Mapping[str, Sequence[Sample]]], size: i
 
 
 #: Synthetic stand-ins for PH2's diagnoses (tests and the demo, which have no PH2): the renderer's
-#: MEL and NV lesions, and its BKL lesions playing the atypical nevi.
+#: MEL and NV lesions, and its BKL lesions playing the atypical nevi. Render them as a dataset of
+#: their own: images shared with another head's splits would leak through the shared backbone.
 SYNTHETIC_PH2 = {"MEL": "melanoma", "NV": "common_nevus", "BKL": "atypical_nevus"}
 
 
 def write_synthetic_ph2(samples: Sequence[Sample], csv_path: str | Path) -> Path:
-    """A PH2-format CSV (image,path,diagnosis) over synthetic samples of the SYNTHETIC_PH2 classes."""
+    """A PH2-format CSV (image,path,diagnosis,lesion_id) over synthetic samples of the SYNTHETIC_PH2
+    classes (the renderer photographs some lesions more than once: lesion_id keeps them together)."""
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image", "path", "diagnosis"])
+        w.writerow(["image", "path", "diagnosis", "lesion_id"])
         for s in samples:
             name = CLASS_NAMES[s.label]
             if name in SYNTHETIC_PH2:
-                w.writerow([s.image_id, str(Path(s.path).resolve()), SYNTHETIC_PH2[name]])
+                w.writerow([s.image_id, str(Path(s.path).resolve()), SYNTHETIC_PH2[name], s.lesion_id or ""])
     return csv_path

@@ -36,7 +36,21 @@ def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray, target: 
     pos = np.sort(np.asarray(scores, np.float64)[np.asarray(positive, bool)])[::-1]
     if pos.size == 0:
         return 0.5
-    return float(pos[max(0, math.ceil(target * pos.size) - 1)])
+    # The fewest positives that reach the target; the small epsilon keeps float noise (0.07 * 100 =
+    # 7.000000000000001) from asking for one more than needed.
+    needed = max(1, math.ceil(target * pos.size - 1e-9))
+    return float(pos[needed - 1])
+
+
+def file_sha256(path: str | Path) -> str:
+    """What ties thresholds.json and model.export.json to one checkpoint (assembly compares them)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def binary_rates(melanoma: np.ndarray, positive: np.ndarray) -> tuple[float, float]:
@@ -201,7 +215,8 @@ def evaluate_checkpoint(checkpoint: str | Path, splits: str | Path, out: str | P
         plot_confidences(results[name], out / f"confidence_{name}.png")
     (out / THRESHOLDS_FILE).write_text(json.dumps({"thresholds": {n: m["threshold"] for n, m in results.items()},
                                                    "target_sensitivity": target, "chosen_on": "val",
-                                                   "checkpoint": str(checkpoint)}, indent=1))
+                                                   "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint)},
+                                                  indent=1))
     public = {n: {k: v for k, v in m.items() if not k.startswith("_")} for n, m in results.items()}
     (out / "metrics.json").write_text(json.dumps(public, indent=1))
     (out / "metrics.md").write_text(markdown(results))

@@ -147,6 +147,16 @@ def predict(model: Any, pixels: np.ndarray, batch_size: int = 32, progress: bool
     return {h: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for h, v in out.items()}
 
 
+def step_plateau(scheduler: Any, optimizer: Any, active: Sequence[str], val_loss: float) -> None:
+    """ReduceLROnPlateau on the validation loss, cutting only the groups being trained: a group
+    still frozen keeps the recipe's rate for when it is unfrozen (a plateau while the heads train
+    alone must not start a block at a tenth of its rate)."""
+    frozen = {i: g["lr"] for i, g in enumerate(optimizer.param_groups) if g["name"] not in active}
+    scheduler.step(val_loss)
+    for i, lr in frozen.items():
+        optimizer.param_groups[i]["lr"] = lr
+
+
 def validation_scores(model: Any, data: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
     """Per head: loss, melanoma AUC and balanced accuracy (argmax) on the validation split."""
     from lesionserve.training.metrics import balanced_accuracy, binary_auc
@@ -164,7 +174,8 @@ def validation_scores(model: Any, data: Mapping[str, Any], config: Mapping[str, 
 
 
 def _prepare_splits(config: Mapping[str, Any], data: Mapping[str, str], out: Path) -> dict[str, dict[str, list]]:
-    from lesionserve.vit.data import lesion_overlap, load_head_samples, read_split_file, split_head, write_split_file
+    from lesionserve.vit.data import (cross_head_leaks, lesion_overlap, load_head_samples, read_split_file, split_head,
+                                      write_split_file)
     from lesionserve.vit.spec import get_head
 
     path = out / "splits.json"
@@ -186,6 +197,10 @@ def _prepare_splits(config: Mapping[str, Any], data: Mapping[str, str], out: Pat
         shared = lesion_overlap(splits[name])
         if shared:
             raise RecipeError(f"head {name}: lesions in two splits: {', '.join(shared[:5])}")
+    leaks = cross_head_leaks(splits)
+    if leaks:  # the backbone is shared: one head's training images must not be another's held-out ones
+        raise RecipeError(f"{len(leaks)} image(s) trained by one head and held out by another, e.g. {', '.join(leaks[:3])}: "
+                          "give the heads disjoint data")
     write_split_file(path, splits)
     return splits
 
@@ -287,7 +302,7 @@ def train_vit(config: Mapping[str, Any], data: Mapping[str, str], out: str | Pat
         val = validation_scores(model, heads, config)
         val_loss = float(np.mean([v["loss"] for v in val.values()]))
         score = float(np.nanmean([v["auc"] for v in val.values()]))
-        scheduler.step(val_loss)
+        step_plateau(scheduler, optimizer, active, val_loss)
         record = {"epoch": epoch + 1, "trainable": active, "lr": lrs, "train_loss": total / max(count, 1),
                   "val_loss": val_loss, "val": val, "seconds": round(time.perf_counter() - started, 1)}
         history.append(record)

@@ -158,7 +158,9 @@ def vit_artifacts(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vitserve")
     data = generate_dataset(root / "data", size=(160, 120), seed=5, class_counts={c: 6 for c in CLASS_NAMES},
                             repeat_fraction=0.0, progress=False)
-    ph2 = write_synthetic_ph2(load_dataset(data.root), root / "ph2.csv")
+    ph2_data = generate_dataset(root / "ph2_data", size=(160, 120), seed=6, class_counts={"MEL": 6, "NV": 6, "BKL": 6},
+                                repeat_fraction=0.0, progress=False)  # its own images: the heads share the backbone
+    ph2 = write_synthetic_ph2(load_dataset(ph2_data.root), root / "ph2.csv")
     config = load_recipe(overrides={"timm_name": "deit_tiny_patch16_224", "input_size": 64, "epochs": 2, "head_only_epochs": 1,
                                     "unfreeze_per_epoch": 16, "val_fraction": 0.25, "test_fraction": 0.25})
     checkpoint = train_vit(config, {"ham10000": str(data.root), "ph2": str(ph2)}, root / "run", progress=False)

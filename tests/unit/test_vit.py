@@ -160,10 +160,15 @@ def test_training_records_groups_and_rates_resumes_and_exports_checked(tmp_path)
 
     data = generate_dataset(tmp_path / "data", size=(96, 72), seed=2, class_counts={c: 4 for c in CLASS_NAMES},
                             repeat_fraction=0.3, progress=False)
-    ph2 = write_synthetic_ph2(load_dataset(data.root), tmp_path / "ph2.csv")
-    sources = {"ham10000": str(data.root), "ph2": str(ph2)}
     config = load_recipe(overrides={"timm_name": "deit_tiny_patch16_224", "input_size": 32, "epochs": 2, "head_only_epochs": 1,
                                     "unfreeze_per_epoch": 3, "val_fraction": 0.25, "test_fraction": 0.25})
+    shared = write_synthetic_ph2(load_dataset(data.root), tmp_path / "shared_ph2.csv")  # the same images for both heads
+    with pytest.raises(RecipeError, match=r"trained by one head and held out by another.*give the heads disjoint data"):
+        train_vit(config, {"ham10000": str(data.root), "ph2": str(shared)}, tmp_path / "leaky", progress=False)
+    ph2_data = generate_dataset(tmp_path / "ph2_data", size=(96, 72), seed=3, class_counts={"MEL": 4, "NV": 4, "BKL": 4},
+                                repeat_fraction=0.3, progress=False)
+    ph2 = write_synthetic_ph2(load_dataset(ph2_data.root), tmp_path / "ph2.csv")
+    sources = {"ham10000": str(data.root), "ph2": str(ph2)}
     train_vit({**config, "epochs": 1}, sources, tmp_path / "run", progress=False)
     with pytest.raises(RecipeError, match="differs.*in batch_size"):
         train_vit({**config, "batch_size": 4}, sources, tmp_path / "run", resume=True, progress=False)
@@ -172,7 +177,9 @@ def test_training_records_groups_and_rates_resumes_and_exports_checked(tmp_path)
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[0]["trainable"] == ["heads"] and history[0]["lr"] == {"heads": 1e-4}
     assert history[1]["trainable"] == ["heads", "norm", "block11", "block10"] and history[1]["lr"]["blocks"] == 1e-5
-    assert all(not lesion_overlap(per) for per in read_split_file(tmp_path / "run" / "splits.json").values())
+    split = read_split_file(tmp_path / "run" / "splits.json")
+    assert all(not lesion_overlap(per) for per in split.values())
+    assert any(s.lesion_id for s in split["ph2"]["train"])  # the synthetic PH2 CSV carries the renderer's lesions
     report = export_vit(checkpoint, tmp_path / "served" / "model.onnx")
     assert max(report.prob_diff.values()) <= 1e-4 and max(report.map_diff.values()) <= 1e-3
     import onnx
@@ -188,6 +195,16 @@ def test_training_records_groups_and_rates_resumes_and_exports_checked(tmp_path)
     assert against["images"] == len(read_split_file(tmp_path / "run" / "splits.json")["ham10000"]["test"])
     assert all(0.0 <= against[k]["mass"] <= 1.0 for k in ("rollout", "cls", "gaussian", "uniform"))
     assert (tmp_path / "eval" / "confidence_ph2.png").stat().st_size > 0 and "attention against" in (tmp_path / "eval" / "metrics.md").read_text()
+    from lesionserve.export.assemble import AssembleError, assemble_pipelines
+    from lesionserve.vit.spec import MELANOMA_VIT
+
+    thresholds = json.loads((tmp_path / "eval" / "thresholds.json").read_text())
+    (tmp_path / "served" / "thresholds.json").write_text(json.dumps({**thresholds, "checkpoint_sha256": "0" * 64}))
+    with pytest.raises(AssembleError, match="chosen for another checkpoint"):
+        assemble_pipelines([(MELANOMA_VIT, tmp_path / "served")], out=tmp_path / "repo")
+    (tmp_path / "served" / "thresholds.json").write_text(json.dumps(thresholds))
+    repo = assemble_pipelines([(MELANOMA_VIT, tmp_path / "served")], out=tmp_path / "repo")
+    assert (repo / "melanoma_vit_post" / "1" / "thresholds.json").is_file() and 'dims: [ 2, 2 ]' in (repo / "melanoma_vit_backbone" / "config.pbtxt").read_text()
 
 
 def test_generated_repository_parses_and_routes_the_declared_heads_and_map():
@@ -233,3 +250,22 @@ def test_each_head_reads_its_labels_in_its_own_class_order(tmp_path):
     (tmp_path / "bad.csv").write_text("image,path,diagnosis\nx,data/x.jpg,blue_nevus\n")
     with pytest.raises(ValueError, match="diagnosis 'blue_nevus' is not one of common_nevus, atypical_nevus, melanoma"):
         load_head_samples(PH2_HEAD, tmp_path / "bad.csv")
+
+
+def test_a_plateau_cuts_only_the_groups_being_trained():
+    from lesionserve.vit.train import step_plateau
+
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.AdamW([{"params": [params[0]], "lr": 1e-3, "name": "heads"}, {"params": [params[1]], "lr": 1e-5, "name": "block11"}])
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=0)
+    for loss in (1.0, 2.0):  # the second epoch is worse: a plateau
+        step_plateau(sched, opt, ["heads"], loss)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-4), 1e-5]
+    step_plateau(sched, opt, ["heads", "block11"], 3.0)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-5), pytest.approx(1e-6)]
+
+
+def test_threshold_needs_no_extra_positive_from_float_noise():
+    scores = np.linspace(1.0, 0.01, 100)
+    positive = np.ones(100, bool)
+    assert threshold_for_sensitivity(scores, positive, 0.07) == scores[6]  # 7 positives, though 0.07 * 100 > 7 in floats
