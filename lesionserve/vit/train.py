@@ -147,6 +147,18 @@ def predict(model: Any, pixels: np.ndarray, batch_size: int = 32, progress: bool
     return {h: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for h, v in out.items()}
 
 
+def rates_by_kind(optimizer: Any, active: Sequence[str]) -> dict[str, Any]:
+    """Learning rate per kind of trained group: one value, or [lowest, highest] where the groups of a
+    kind differ (blocks unfrozen at different epochs may have been cut a different number of times)."""
+    from lesionserve.vit.model import group_kind
+
+    seen: dict[str, list[float]] = {}
+    for g in optimizer.param_groups:
+        if g["name"] in active:
+            seen.setdefault(group_kind(g["name"]), []).append(float(g["lr"]))
+    return {k: v[0] if min(v) == max(v) else [min(v), max(v)] for k, v in seen.items()}
+
+
 def step_plateau(scheduler: Any, optimizer: Any, active: Sequence[str], val_loss: float) -> None:
     """ReduceLROnPlateau on the validation loss, cutting only the groups being trained: a group
     still frozen keeps the recipe's rate for when it is unfrozen (a plateau while the heads train
@@ -269,9 +281,10 @@ def train_vit(config: Mapping[str, Any], data: Mapping[str, str], out: str | Pat
         for n, ps in groups.items():
             for p in ps:
                 p.requires_grad_(n in active)
-        lrs = {group_kind(g["name"]): g["lr"] for g in optimizer.param_groups if g["name"] in active}
+        lrs = rates_by_kind(optimizer, active)
         print(f"epoch {epoch + 1}/{config['epochs']}: trainable {describe_groups(active)} | lr "
-              + ", ".join(f"{k} {v:.0e}" for k, v in lrs.items()), flush=True)
+              + ", ".join(f"{k} {v:.0e}" if isinstance(v, float) else f"{k} {v[0]:.0e}-{v[1]:.0e}" for k, v in lrs.items()),
+              flush=True)
         model.train()
         order = index[rng.permutation(len(index))]
         batches: Any = range(0, len(order), bs)

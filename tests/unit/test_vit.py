@@ -263,6 +263,10 @@ def test_a_plateau_cuts_only_the_groups_being_trained():
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-4), 1e-5]
     step_plateau(sched, opt, ["heads", "block11"], 3.0)
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-5), pytest.approx(1e-6)]
+    from lesionserve.vit.train import rates_by_kind
+
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-5, "name": "block10"})
+    assert rates_by_kind(opt, ["heads", "block11", "block10"]) == {"heads": pytest.approx(1e-5), "blocks": [pytest.approx(1e-6), 1e-5]}
 
 
 def test_threshold_needs_no_extra_positive_from_float_noise():
