@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lesionserve import prog
+from lesionserve.export.tensorrt import file_sha256  # ties thresholds.json to one checkpoint (assembly compares)
 from lesionserve.vit.spec import DEFAULT_TARGET_SENSITIVITY, Head
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -40,17 +41,6 @@ def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray, target: 
     # 7.000000000000001) from asking for one more than needed.
     needed = max(1, math.ceil(target * pos.size - 1e-9))
     return float(pos[needed - 1])
-
-
-def file_sha256(path: str | Path) -> str:
-    """What ties thresholds.json and model.export.json to one checkpoint (assembly compares them)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def binary_rates(melanoma: np.ndarray, positive: np.ndarray) -> tuple[float, float]:

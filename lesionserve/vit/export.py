@@ -88,7 +88,7 @@ def export_vit(checkpoint: str | Path, out: str | Path, batch: int = 3) -> ViTEx
         tmp.unlink(missing_ok=True)
         raise ViTExportError("ONNX Runtime differs from PyTorch: " + "; ".join(bad))
     tmp.replace(out)
-    from lesionserve.vit.evaluate import file_sha256
+    from lesionserve.export.tensorrt import file_sha256
 
     out.with_suffix(".export.json").write_text(json.dumps({**asdict(report), "model": spec.to_dict(),
                                                            "checkpoint_sha256": file_sha256(checkpoint)}, indent=2) + "\n")
