@@ -766,7 +766,7 @@ def render_melanoma(p: "MelanomaPipeline") -> dict[str, str]:
     post_config = (
         "# Logits per head and the attention map -> per head softmax probabilities (probs_<head>), the decision at the\n"
         "# head's operating threshold on P(melanoma) from 1/thresholds.json (label_<head>, melanoma_<head>, threshold_<head>),\n"
-        "# and attention: the map stretched to [0, 1] at each image's size, in the top-left image_size corner of a\n"
+        "# and attention: the map at each image's size scaled to [0, 1], in the top-left image_size corner of a\n"
         "# request-wide canvas (lesionserve/vit/decision.py).\n"
         + _head(post, "python", 0)
         + _tensors("input", [_tensor(logits_name(h.name), "TYPE_FP32", (-1, h.num_classes)) for h in p.heads]

@@ -1,12 +1,15 @@
 """From a head's logits to what a clinician reads, the same in the reference and the server:
 softmax probabilities, the decision at the head's operating threshold on P(melanoma), and an
-attention map at the image's own size stretched to [0, 1] (least attended patch 0, most 1: rollout
-keeps a large floor from the residual mixing, which divided by its maximum alone paints every pixel hot)."""
+attention map at the image's own size scaled to [0, 1] as the Grad-CAM maps are (explain.upsample_map:
+least attended patch 0, most 1; rollout keeps a large floor from the residual mixing, which divided
+by its maximum alone paints every pixel hot)."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from lesionserve.explain import upsample_map
 
 from lesionserve.vit.spec import Head
 
@@ -27,24 +30,6 @@ def decide(probs: np.ndarray, head: Head, threshold: float) -> tuple[np.ndarray,
     others[:, pos] = -1.0
     labels = np.where(melanoma, pos, others.argmax(axis=1))
     return np.array([head.class_names[i] for i in labels], dtype=object), melanoma
-
-
-def map_to_image(grid_map: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A grid x grid attention map resized (bilinear) to height x width, then stretched to [0, 1]
-    (a constant map: zeros)."""
-    import cv2
-
-    m = cv2.resize(np.asarray(grid_map, np.float32), (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
-    return stretch(m[None])[0]
-
-
-def stretch(maps: np.ndarray) -> np.ndarray:
-    """Each N x H x W map minus its minimum, divided by its range (zeros where the map is constant)."""
-    maps = np.asarray(maps, np.float32)
-    flat = maps.reshape(len(maps), -1)
-    low, span = flat.min(axis=1), np.ptp(flat, axis=1)
-    out = (maps - low.reshape(-1, 1, 1)) / np.where(span > 0, span, 1.0).reshape(-1, 1, 1)
-    return np.where(span.reshape(-1, 1, 1) > 0, out, 0.0).astype(np.float32)
 
 
 #: Per-head outputs of the post step (and the ensemble), each named ``<what>_<head>``.
@@ -75,6 +60,6 @@ def melanoma_of_batch(logits: Mapping[str, np.ndarray], heads: Sequence[Head], t
     for i in range(n):
         if not failed[i]:
             w, h = int(sizes[i, 0]), int(sizes[i, 1])
-            canvas[i, :h, :w] = map_to_image(grid_maps[i], w, h)
+            canvas[i, :h, :w] = upsample_map(np.asarray(grid_maps[i], np.float32), w, h)
     out["attention"] = canvas
     return out

@@ -119,14 +119,14 @@ def plot_confidences(metrics: Mapping[str, Any], path: Path) -> None:
 
 
 def attention_against_masks(model: Any, samples: Sequence[Any], masks_csv: str | Path, limit: int = 200) -> dict[str, Any]:
-    """Both maps (as served: at the mask's size, stretched to [0, 1]) of the test images that have a
+    """Both maps (as served: at the mask's size, scaled to [0, 1]) of the test images that have a
     mask, scored with training.map_eval against the lesion, beside its two baselines."""
     import torch
 
     from lesionserve.preprocessing import decode_image, preprocess_rgb
     from lesionserve.training.map_eval import mean_scores
     from lesionserve.training.masks import load_mask_index, read_mask
-    from lesionserve.vit.decision import map_to_image
+    from lesionserve.explain import upsample_map
     from lesionserve.vit.model import forward_with_attention
 
     index = load_mask_index(masks_csv)
@@ -143,7 +143,7 @@ def attention_against_masks(model: Any, samples: Sequence[Any], masks_csv: str |
             _, grid = forward_with_attention(model, torch.from_numpy(x).to(device))
         for kind in maps:
             for g, mask in zip(grid[kind].float().cpu().numpy(), masks[start:start + 16]):
-                maps[kind].append(map_to_image(g, mask.shape[1], mask.shape[0]))
+                maps[kind].append(upsample_map(g, mask.shape[1], mask.shape[0]))
     area = float(np.mean([m.mean() for m in masks]))
     out: dict[str, Any] = {"images": len(items), "mean_lesion_area": area}
     for kind, heat in maps.items():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lesionserve.spec import CLASS_NAMES
-from lesionserve.vit.decision import decide, map_to_image, melanoma_of_batch, softmax
+from lesionserve.explain import upsample_map
+from lesionserve.vit.decision import decide, melanoma_of_batch, softmax
 from lesionserve.vit.evaluate import head_metrics, threshold_for_sensitivity
 from lesionserve.vit.model import (AttentionRecorder, MultiHeadViT, PretrainedError, attention_rollout, cls_attention,
                                    forward_with_attention, group_names, load_pretrained, parameter_groups)
@@ -122,11 +123,11 @@ def test_post_step_outputs_maps_at_each_images_size_and_blanks_failed_rows():
     out = melanoma_of_batch(logits, [HAM10000_HEAD, PH2_HEAD], {"ham10000": 0.5, "ph2": 0.9}, grid,
                             np.array([[40, 30], [0, 0]]), np.array([False, True]))
     assert out["attention"].shape == (2, 30, 40) and out["attention"][0].max() == pytest.approx(1.0)
-    assert out["attention"][0].min() == pytest.approx(0.0, abs=1e-6)  # stretched: least attended patch 0
+    assert out["attention"][0].min() == pytest.approx(0.0, abs=1e-6)  # scaled: least attended patch 0
     assert not out["attention"][1].any() and out["label_ham10000"][1, 0] == b"" and not out["probs_ph2"][1].any()
     assert out["label_ham10000"][0, 0] == b"melanoma" and out["threshold_ph2"][0, 0] == pytest.approx(0.9)
     np.testing.assert_allclose(out["probs_ham10000"][0], softmax(logits["ham10000"])[0])
-    assert map_to_image(np.full((4, 4), 0.3), 8, 6).shape == (6, 8) and not map_to_image(np.full((4, 4), 0.3), 8, 6).any()
+    assert upsample_map(np.full((4, 4), 0.3, np.float32), 8, 6).shape == (6, 8) and not upsample_map(np.full((4, 4), 0.3, np.float32), 8, 6).any()
 
 
 def test_threshold_reaches_the_target_sensitivity_on_validation_and_is_the_highest_that_does():
