@@ -195,6 +195,11 @@ def _backbone_io(p: EnsemblePipeline, m: Member) -> str:
     )
 
 
+def _queue_delay(variant: str | None) -> str:
+    """Dynamic batching with the variant's queue delay only (single networks outside an ensemble's members)."""
+    return f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[variant]}\n}}\n"
+
+
 def _batching(p: EnsemblePipeline, variant: str | None) -> str:
     sizes, n = [], p.max_batch_size
     while n < p.member_max_batch:
@@ -438,7 +443,7 @@ def segmenter_config(p: "SegmentationPipeline", variant: str | None = None) -> s
                 f"{seg.normalization.name} normalisation; mask_logits: lesion logits on the input grid.\n")
     io = (_tensors("input", [_tensor(SEGMENTER_INPUT, "TYPE_FP32", (3, s, s))])
           + _tensors("output", [_tensor(SEGMENTER_OUTPUT, "TYPE_FP32", (1, s, s))])
-          + f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[variant]}\n}}\n")
+          + _queue_delay(variant))
     if variant is None:
         return (
             "# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py).\n"
@@ -651,7 +656,7 @@ def render_detection(p: "DetectionPipeline") -> dict[str, str]:
           + _tensors("output", [_tensor(DETECTOR_OUTPUT, "TYPE_FP32", (4 + c, a)), _tensor(FEATURES_OUTPUT, "TYPE_FP32", (-1, f, f))]))
 
     def detector(variant: str | None) -> str:
-        batching = f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[variant]}\n}}\n"
+        batching = _queue_delay(variant)
         head = f'name: "{p.detector}"\n'
         if variant is None:
             return ("# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py).\n"
@@ -744,19 +749,18 @@ def render_melanoma(p: "MelanomaPipeline") -> dict[str, str]:
     identity = (f"# {backbone}: {m.timm_name} at {s} px ({m.normalization.name} statistics), one MLP head per dataset\n"
                 f"# ({', '.join(m.heads)}): logits_<head>; attention_rollout (Abnar and Zuidema) and attention_cls (the last\n"
                 f"# block's CLS-token attention, mean over heads) on the {g} x {g} patch grid (lesionserve vit-export).\n")
-    io = (_tensors("input", [_tensor(VIT_INPUT, "TYPE_FP32", (3, s, s))]) + _tensors("output", logits + maps)
-          + f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US[None]}\n}}\n")
+    io = _tensors("input", [_tensor(VIT_INPUT, "TYPE_FP32", (3, s, s))]) + _tensors("output", logits + maps)
 
     def backbone_config(variant: str | None) -> str:
         if variant is None:
             return ("# CPU: ONNX Runtime inside the python backend (lesionserve/triton_models/onnx_backbone.py).\n"
                     f"# GPU variant: configs/{','.join(VIT_GPU_VARIANTS)}.pbtxt, selected with --model-config-name=NAME.\n"
                     + identity + f'name: "{backbone}"\nbackend: "python"\nmax_batch_size: {p.max_batch_size}\n' + io
-                    + _cpu_ort_params() + _param("export_hint", "export it with lesionserve vit-export") + _instances(None))
+                    + _queue_delay(None) + _cpu_ort_params() + _param("export_hint", "export it with lesionserve vit-export") + _instances(None))
         shapes = {k: f"{VIT_INPUT}:{n}x3x{s}x{s}" for k, n in (("min", 1), ("opt", p.max_batch_size), ("max", p.max_batch_size))}
         return ("# Variant gpu_ort: Triton's onnxruntime backend on 1/model.onnx with the TensorRT execution provider in FP16.\n"
                 + identity + f'name: "{backbone}"\nbackend: "onnxruntime"\ndefault_model_filename: "model.onnx"\n'
-                + f"max_batch_size: {p.max_batch_size}\n" + io.replace(str(QUEUE_DELAY_US[None]), str(QUEUE_DELAY_US[variant]))
+                + f"max_batch_size: {p.max_batch_size}\n" + io + _queue_delay(variant)
                 + _instances(variant) + _tensorrt_accelerator(backbone, shapes))
 
     per_head = {"probs": lambda h: ("TYPE_FP32", (h.num_classes,)), "label": lambda h: ("TYPE_STRING", (1,)),
