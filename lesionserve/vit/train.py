@@ -226,7 +226,7 @@ def train_vit(config: Mapping[str, Any], data: Mapping[str, str], out: str | Pat
 
     from lesionserve.vit.data import load_head_data
     from lesionserve.vit.model import MultiHeadViT, group_kind, load_pretrained, parameter_groups, save_checkpoint
-    from lesionserve.vit.spec import ViTModel
+    from lesionserve.vit.spec import ViTModel, get_head
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +241,7 @@ def train_vit(config: Mapping[str, Any], data: Mapping[str, str], out: str | Pat
         print(f"pretrained backbone from {config['pretrained']} (strict; dropped its classifier keys: {', '.join(dropped) or 'none'})")
     splits = _prepare_splits(config, data, out)
     for name, per in splits.items():
-        print(f"{name}: " + ", ".join(f"{k} {len(v)} ({int(sum(s.label == spec_positive(name) for s in v))} melanoma)"
+        print(f"{name}: " + ", ".join(f"{k} {len(v)} ({int(sum(s.label == get_head(name).positive_index for s in v))} melanoma)"
                                       for k, v in per.items()))
     heads = load_head_data(splits, spec.input_size, progress)
 
@@ -331,12 +331,6 @@ def train_vit(config: Mapping[str, Any], data: Mapping[str, str], out: str | Pat
         last.with_suffix(".tmp").replace(last)
     plot_history(history, out / "curves.png")
     return out / "checkpoint.pt"
-
-
-def spec_positive(head: str) -> int:
-    from lesionserve.vit.spec import get_head
-
-    return get_head(head).positive_index
 
 
 def plot_history(history: Sequence[Mapping[str, Any]], path: Path) -> None:
