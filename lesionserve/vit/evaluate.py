@@ -232,9 +232,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        masks = dict(item.split("=", 1) for item in args.masks if "=" in item)
-        if len(masks) != len(args.masks):
-            raise ValueError(f"--masks takes HEAD=CSV, got {args.masks}")
+        from lesionserve.vit.train import parse_assignments
+
+        masks = parse_assignments(args.masks, "--masks")
         evaluate_checkpoint(args.checkpoint, args.splits, args.out, args.target_sensitivity, args.boot, not args.no_progress,
                             args.device, masks)
     except (ValueError, FileNotFoundError) as exc:
