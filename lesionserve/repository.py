@@ -788,7 +788,8 @@ def render_melanoma(p: "MelanomaPipeline") -> dict[str, str]:
     ]
     ensemble = (
         f"# Pipeline {p.name}: {p.description}.\n"
-        "# Encoded images in; per image and head probs_<head> (class_names_<head> order), label_<head>, melanoma_<head>,\n"
+        "# Encoded images in; per image and head probs_<head> (class_names_<head> order; positive_<head>: the melanoma\n"
+        "# class its threshold is set on), label_<head>, melanoma_<head>,\n"
         f"# threshold_<head>; attention ({p.map_kind} map at the image's size, top-left of the canvas), image_size, error.\n"
         f'name: "{p.name}"\nplatform: "ensemble"\nmax_batch_size: {p.max_batch_size}\n'
         + _tensors("input", [_tensor("raw_image", "TYPE_STRING", (1,))])
@@ -796,7 +797,7 @@ def render_melanoma(p: "MelanomaPipeline") -> dict[str, str]:
                    + [_tensor("attention", "TYPE_FP32", (-1, -1)), _tensor("image_size", "TYPE_INT32", (2,)),
                       _tensor("error", "TYPE_STRING", (1,))])
         + _param("heads", ",".join(m.heads))
-        + "".join(_param(f"class_names_{h.name}", ",".join(h.class_names)) for h in p.heads)
+        + "".join(_param(f"class_names_{h.name}", ",".join(h.class_names)) + _param(f"positive_{h.name}", h.positive) for h in p.heads)
         + _param("map", p.map_kind) + _param("backbone", m.timm_name) + _param("input_size", s)
         + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
     )

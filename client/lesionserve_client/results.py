@@ -299,10 +299,12 @@ class HeadPrediction:
     label: str
     melanoma: bool
     threshold: float
+    #: The class the threshold is set on (the server's ``positive_<head>``).
+    positive: str
 
     @property
     def p_melanoma(self) -> float:
-        return self.probs[self.class_names.index("melanoma" if "melanoma" in self.class_names else "MEL")]
+        return self.probs[self.class_names.index(self.positive)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"head": self.head, "label": self.label, "melanoma": self.melanoma, "threshold": self.threshold,
@@ -333,9 +335,10 @@ class MelanomaResult:
                                                    f"threshold {p.threshold:.2f}; attention {self.map_kind})")
 
 
-def melanoma_heads(config: dict) -> dict[str, tuple[str, ...]]:
-    """Head name -> class names, from the melanoma ensemble's config parameters."""
-    return {h: tuple(_parameter(config, f"class_names_{h}").split(",")) for h in _parameter(config, "heads").split(",")}
+def melanoma_heads(config: dict) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Head name -> (class names, the melanoma class), from the melanoma ensemble's config parameters."""
+    return {h: (tuple(_parameter(config, f"class_names_{h}").split(",")), _parameter(config, f"positive_{h}"))
+            for h in _parameter(config, "heads").split(",")}
 
 
 def parse_melanoma(result: InferResult, indices: Sequence[int], config: dict,
@@ -348,7 +351,7 @@ def parse_melanoma(result: InferResult, indices: Sequence[int], config: dict,
         raise ServerError(f"melanoma response has no attention map per image (got {None if maps is None else maps.shape})")
     sizes = _output(result, "image_size", (count, 2))
     errors = _output(result, ERROR_OUTPUT, (count, 1))
-    per = {h: {"probs": _output(result, f"probs_{h}", (count, len(classes[h]))),
+    per = {h: {"probs": _output(result, f"probs_{h}", (count, len(classes[h][0]))),
                "label": _output(result, f"label_{h}", (count, 1)),
                "melanoma": _output(result, f"melanoma_{h}", (count, 1)).astype(bool),
                "threshold": _output(result, f"threshold_{h}", (count, 1))} for h in heads}
@@ -358,8 +361,9 @@ def parse_melanoma(result: InferResult, indices: Sequence[int], config: dict,
         if error:
             out.append(UndecodableImageError(index, error))
             continue
-        answers = {h: HeadPrediction(h, classes[h], tuple(_to_float(v) for v in per[h]["probs"][row]), _text(per[h]["label"][row, 0]),
-                                     bool(per[h]["melanoma"][row, 0]), _to_float(per[h]["threshold"][row, 0])) for h in heads}
+        answers = {h: HeadPrediction(h, classes[h][0], tuple(_to_float(v) for v in per[h]["probs"][row]), _text(per[h]["label"][row, 0]),
+                                     bool(per[h]["melanoma"][row, 0]), _to_float(per[h]["threshold"][row, 0]), classes[h][1])
+                   for h in heads}
         width, height = (int(v) for v in sizes[row])
         out.append(MelanomaResult(answers[chosen], answers, maps[row, :height, :width], _parameter(config, "map")))
     return out

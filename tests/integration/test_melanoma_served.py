@@ -63,6 +63,7 @@ def test_a_head_is_chosen_by_name_and_an_unknown_one_is_refused_before_sending(s
             client.melanoma([blob], head="dermmel")
     assert ph2.prediction.head == "ph2" and set(ph2.heads) == {"ph2"}
     assert ph2.prediction.class_names == ("common_nevus", "atypical_nevus", "melanoma")
+    assert ph2.prediction.positive == "melanoma" and ph2.prediction.p_melanoma == ph2.prediction.probs[2]
     assert ph2.prediction.probs == both.heads["ph2"].probs
 
 

@@ -221,6 +221,7 @@ def test_generated_repository_parses_and_routes_the_declared_heads_and_map():
     ensemble = text_format.Parse(files["melanoma_vit/config.pbtxt"], model_config_pb2.ModelConfig())
     assert [o.name for o in ensemble.output][:4] == ["probs_ham10000", "label_ham10000", "melanoma_ham10000", "threshold_ham10000"]
     assert ensemble.parameters["class_names_ph2"].string_value == "common_nevus,atypical_nevus,melanoma"
+    assert ensemble.parameters["positive_ph2"].string_value == "melanoma"
     backbone = ensemble.ensemble_scheduling.step[1]
     assert backbone.input_map["pixel_values"] == "pixel_values_224_deit" and "attention_cls" in backbone.output_map
     pre = text_format.Parse(files["melanoma_vit_preprocess/config.pbtxt"], model_config_pb2.ModelConfig())
