@@ -244,14 +244,11 @@ def run_demo(args: argparse.Namespace) -> float:
     same_counts = sum(len(got.detections) == len(ref.scores) for got, ref in zip(detected, want_det))
     print(f"  detector: box counts equal {same_counts}/{len(images)}; max |score diff| {det_diff:.2e}, "
           f"max |box coordinate diff| {det_boxes:.2e} px")
-    from lesionserve.vit.reference import MelanomaReference
+    from lesionserve.vit.reference import MelanomaReference, served_against_reference
 
     want_vit = MelanomaReference.from_checkpoint(vit_checkpoint, vit_dir / "served" / "thresholds.json").classify(
         [p.read_bytes() for p in images])
-    vit_diff = max(float(np.abs(np.array(p.probs) - want_vit[f"probs_{h}"][i]).max()) for i, r in enumerate(melanoma) for h, p in r.heads.items())
-    map_diff = max(float(np.abs(r.attention - want_vit["attention"][i, :r.attention.shape[0], :r.attention.shape[1]]).max())
-                   for i, r in enumerate(melanoma))
-    vit_same = sum(all(p.label == want_vit[f"label_{h}"][i, 0].decode() for h, p in r.heads.items()) for i, r in enumerate(melanoma))
+    vit_diff, map_diff, vit_same = served_against_reference(melanoma, want_vit)
     print(f"  melanoma_vit: max |Triton - reference| on probabilities {vit_diff:.2e}, on attention maps {map_diff:.2e}; "
           f"decisions equal {vit_same}/{len(images)}")
     (out / "demo_summary.json").write_text(json.dumps({"parity_max_abs_diff": diff, "labels_equal": same, "images": len(images),

@@ -84,6 +84,21 @@ class MelanomaReference:
                                  np.asarray(batch.image_sizes), np.zeros(len(images), bool))
 
 
+def served_against_reference(served: Sequence[Any], want: Mapping[str, np.ndarray]) -> tuple[float, float, int]:
+    """(max |served - reference| over every head's probabilities, the same over the attention maps,
+    how many images got every head's label and melanoma flag equal) of the SDK's MelanomaResults
+    against ``MelanomaReference.classify`` of the same images."""
+    prob_diff = map_diff = 0.0
+    equal = 0
+    for i, got in enumerate(served):
+        prob_diff = max([prob_diff] + [float(np.abs(np.array(p.probs) - want[f"probs_{h}"][i]).max()) for h, p in got.heads.items()])
+        h, w = got.attention.shape
+        map_diff = max(map_diff, float(np.abs(got.attention - want["attention"][i, :h, :w]).max()))
+        equal += all(p.label == want[f"label_{n}"][i, 0].decode() and p.melanoma == bool(want[f"melanoma_{n}"][i, 0])
+                     for n, p in got.heads.items())
+    return prob_diff, map_diff, equal
+
+
 def _thresholds(value: str | Path | Mapping[str, float], heads: Sequence[str]) -> dict[str, float]:
     if isinstance(value, Mapping):
         missing = [h for h in heads if h not in value]
