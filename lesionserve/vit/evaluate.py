@@ -44,11 +44,13 @@ def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray, target: 
 
 
 def binary_rates(melanoma: np.ndarray, positive: np.ndarray) -> tuple[float, float]:
-    """(sensitivity, specificity); NaN where a side has no images."""
-    m, p = np.asarray(melanoma, bool), np.asarray(positive, bool)
-    sens = float((m & p).sum() / p.sum()) if p.any() else float("nan")
-    spec = float((~m & ~p).sum() / (~p).sum()) if (~p).any() else float("nan")
-    return sens, spec
+    """(sensitivity, specificity) of the melanoma decisions: training.metrics' one-vs-rest rates of
+    the positive class; NaN where a side has no images."""
+    from lesionserve.training.metrics import confusion_matrix, sensitivity_specificity_from_confusion
+
+    cm = confusion_matrix(np.asarray(positive, np.int64).ravel(), np.asarray(melanoma, np.int64).ravel(), 2)
+    sens, spec = sensitivity_specificity_from_confusion(cm)
+    return float(sens[1]), float(spec[1])
 
 
 def bootstrap(fn: Any, n: int, n_boot: int, seed: int = 0) -> np.ndarray:
